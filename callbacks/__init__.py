@@ -1,0 +1,1 @@
+"""Callbacks: export, throughput and progress."""

@@ -1,0 +1,71 @@
+"""Throughput and progress in plain log lines (SLURM logs have no progress bar) and TensorBoard."""
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class ThroughputLogger(L.Callback):
+    """Samples/s, the share of time spent waiting for data, and an ETA every `every_n_steps`.
+
+    Time between the end of one training batch and the start of the next is counted as
+    waiting for data: if that share is high, the loader (num_workers) is the bottleneck.
+    """
+
+    def __init__(self, every_n_steps: int = 50, unit: str = "samples") -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self.unit = unit
+        self._reset()
+
+    def _reset(self) -> None:
+        self._window_start = None
+        self._batch_start = None
+        self._last_batch_end = None
+        self._samples = 0
+        self._wait = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._reset()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = now
+        elif self._last_batch_end is not None:
+            self._wait += now - self._last_batch_end
+        self._batch_start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self._last_batch_end = now
+        self._samples += pl_module.batch_size_of(batch) * trainer.world_size
+        step = trainer.global_step
+        if step % self.every_n_steps or self._window_start is None:
+            return
+        elapsed = now - self._window_start
+        if elapsed <= 0:
+            return
+        rate = self._samples / elapsed
+        wait = self._wait / elapsed
+        pl_module.log_dict({f"perf/{self.unit}_per_sec": rate, "perf/data_wait_fraction": wait}, on_step=True, on_epoch=False)
+        remaining = max(0, trainer.max_steps - step)
+        steps_per_sec = self.every_n_steps / elapsed if step >= self.every_n_steps else step / elapsed
+        loss = trainer.callback_metrics.get("train/loss")
+        if trainer.is_global_zero:
+            log.info(
+                "step %d/%d | loss %s | %.1f %s/s | data wait %.0f%% | ETA %s",
+                step, trainer.max_steps, f"{float(loss):.4f}" if loss is not None else "-", rate, self.unit,
+                100 * wait, _duration(remaining / steps_per_sec if steps_per_sec > 0 else 0),
+            )
+        self._window_start, self._samples, self._wait = now, 0, 0.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

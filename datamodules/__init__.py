@@ -1,0 +1,41 @@
+"""Data for each stage: WebDataset-layout tar shards streamed into batches."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+def shard_spec(split: DictConfig | None) -> dict[str, Any] | None:
+    """The config's ``{urls, sources}`` pair as the shard readers take it (None: no shards)."""
+    if split is None:
+        return None
+    sources = list(split.get("sources") or [])
+    if sources:
+        if split.get("urls"):
+            raise ValueError("set either data.*.urls or data.*.sources, not both")
+        return {"sources": [dict(s) for s in sources]}
+    return {"urls": split.urls} if split.get("urls") else None
+
+
+def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
+    """The datamodule of ``cfg.stage``, with the stage module's tokenizers run in its workers."""
+    if cfg.stage == 1:
+        from datamodules.text_shards import TextShardsDataModule
+
+        d = cfg.data
+        train = shard_spec(d.train)
+        if train is None:
+            raise ValueError("config key 'data.train.urls' must be set (or data.train.sources)")
+        return TextShardsDataModule(
+            train=train,
+            val=shard_spec(d.val),
+            batch_size=d.batch_size,
+            val_batch_size=d.val_batch_size,
+            num_workers=d.num_workers,
+            shuffle_buffer=d.shuffle_buffer,
+            languages=dict(d.languages),
+            seed=cfg.seed,
+            tokenizers=tokenizers,
+        )
+    raise NotImplementedError(f"stage {cfg.stage} has no datamodule yet")

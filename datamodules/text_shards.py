@@ -1,0 +1,344 @@
+"""Stage-1 text shards: (teacher, student, language) caption pairs, batched in the workers.
+
+A text shard sample is `KEY.txt` (English) plus, for parallel text, `KEY.<lang>.txt` and/or
+`KEY.json` (`{"en": ..., "zh": ...}` or `{"caption": ..., "captions": {"zh": ...}}`).
+Stage 1 teaches the LLM + adapter (student) to reproduce CLIP's features (teacher), and CLIP
+only reads English, so every pair is (English, English or its translation, language).
+
+- Training: an infinite stream (Lightning's `max_steps` ends it); each sample gives one pair,
+  its language drawn among the languages it has by the `languages` weights.
+- Validation: a finite stream giving every language pair of every sample exactly once
+  across all ranks and workers, in a fixed order, so per-language retrieval metrics see the
+  same pool every time.
+
+Batch (a dict built inside the DataLoader worker): `teacher_text`, `student_text`, `lang`,
+`key` (lists of str), `skipped` (dict reason -> count of inputs this worker skipped since its
+previous batch) and, when tokenizers are set, `teacher_tokens` / `student_tokens`.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.shards import (
+    Consumer,
+    ShardSource,
+    SkipCounter,
+    batched,
+    distributed_rank_and_world,
+    is_language_code,
+    iter_consumer_samples,
+    mix_streams,
+    parse_sources,
+    shuffled,
+)
+
+Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
+TOKENIZER_ROLES = ("teacher", "student")
+
+def is_text_member(extension: str) -> bool:
+    """The tar members stage 1 reads; images in image-text shards stay unread."""
+    return extension in ("txt", "json") or extension.endswith(".txt")
+
+
+@dataclass(frozen=True)
+class TextSample:
+    """One decoded sample: its key and caption per language, English first."""
+
+    key: str
+    captions: dict[str, str]
+
+
+class TextPair(NamedTuple):
+    teacher_text: str
+    student_text: str
+    lang: str
+    key: str
+
+
+def _json_captions(meta: Any, extra_codes: frozenset[str]) -> dict[str, Any]:
+    """Captions per language found in a sample's json, by increasing priority."""
+    captions: dict[str, Any] = {}
+    if isinstance(meta.get("caption"), str):
+        captions["en"] = meta["caption"]
+    captions.update(
+        {code: text for code, text in meta.items() if is_language_code(code, extra_codes)}
+    )
+    if isinstance(meta.get("captions"), Mapping):
+        captions.update(meta["captions"])
+    return {code: text for code, text in captions.items() if isinstance(text, str)}
+
+
+def decode_text_sample(
+    raw: Mapping[str, Any], skips: SkipCounter, extra_codes: frozenset[str] = frozenset()
+) -> TextSample | None:
+    """Decodes a raw tar sample into captions per language, or None if it has no English.
+
+    `KEY.txt` / `KEY.<lang>.txt` win over the json. A bad English side drops the sample
+    (`bad_encoding`, `empty_caption`, `missing_caption`); a bad other side drops that
+    language only (`bad_encoding`, `missing_parallel`); a bad json is `bad_json` and the
+    sample lives on if its files suffice.
+    """
+    url, key = raw["__url__"], raw["__key__"]
+    found: dict[str, str | bytes] = {}
+    json_failed = False
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected an object, got {type(meta).__name__}")
+            found.update(_json_captions(meta, extra_codes))
+        except ValueError as error:  # includes UnicodeDecodeError and JSONDecodeError
+            skips.skip("bad_json", url, key, str(error)[:200])
+            json_failed = True
+    if "en.txt" in raw:
+        found["en"] = raw["en.txt"]
+    for extension, payload in raw.items():
+        code = extension.removesuffix(".txt")
+        if extension.endswith(".txt") and code != "en" and is_language_code(code, extra_codes):
+            found[code] = payload
+    if "txt" in raw:
+        found["en"] = raw["txt"]
+    if "en" not in found:
+        if not json_failed:  # a broken json holding the caption is already counted
+            skips.skip("missing_caption", url, key, "no English caption (KEY.txt or json)")
+        return None
+
+    captions: dict[str, str] = {}
+    for code in ["en", *sorted(set(found) - {"en"})]:
+        text = found[code]
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as error:
+                skips.skip("bad_encoding", url, key, f"{code}: {error}")
+                if code == "en":
+                    return None
+                continue
+        text = text.strip()
+        if not text:
+            reason = "empty_caption" if code == "en" else "missing_parallel"
+            skips.skip(reason, url, key, f"{code} caption is empty")
+            if code == "en":
+                return None
+            continue
+        captions[code] = text
+    return TextSample(key=key, captions=captions)
+
+
+class TextPairStream(IterableDataset):
+    """Batches of caption pairs from shard sources; one instance per DataLoader.
+
+    Everything here runs in the DataLoader workers: reading, decoding, shuffling, drawing
+    languages, batching and tokenizing; the main process only receives finished batches.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[ShardSource],
+        *,
+        train: bool,
+        batch_size: int,
+        language_weights: Mapping[str, float],
+        seed: int,
+        shuffle_buffer: int,
+        tokenizers: Mapping[str, Tokenizer] | None,
+        rank: int,
+        world_size: int,
+    ):
+        super().__init__()
+        self.sources = list(sources)
+        self.train = train
+        self.batch_size = batch_size
+        self.language_weights = dict(language_weights)
+        self.extra_codes = frozenset(language_weights)
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.tokenizers = dict(tokenizers or {})
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        consumer = Consumer.current(self.rank, self.world_size)
+        skips = SkipCounter()
+        pairs = self._train_pairs(consumer, skips) if self.train else self._val_pairs(consumer, skips)
+        # Training batches are always full: the stream never ends. Each batch is held back
+        # until the next one is ready, so skips met after the last pairs of a finite stream
+        # (a truncated final shard, say) still ride on its last batch.
+        pending: list[TextPair] | None = None
+        for pairs_of_batch in batched(pairs, self.batch_size, keep_partial=not self.train):
+            if pending is not None:
+                yield self._collate(pending, skips.take())
+            pending = pairs_of_batch
+        if pending is not None:
+            yield self._collate(pending, skips.take())
+
+    def _samples(
+        self, source_index: int, consumer: Consumer, skips: SkipCounter
+    ) -> Iterator[TextSample]:
+        raw_samples = iter_consumer_samples(
+            self.sources[source_index].urls,
+            consumer,
+            skips,
+            infinite=self.train,
+            seed=f"{self.seed}:{source_index}",
+            wanted=is_text_member,
+        )
+        for raw in raw_samples:
+            sample = decode_text_sample(raw, skips, self.extra_codes)
+            if sample is not None:
+                yield sample
+
+    def _train_pairs(self, consumer: Consumer, skips: SkipCounter) -> Iterator[TextPair]:
+        # Per-consumer randomness: workers and ranks must not shuffle or draw identically.
+        rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
+        streams = [self._samples(index, consumer, skips) for index in range(len(self.sources))]
+        samples = mix_streams(streams, [source.weight for source in self.sources], rng)
+        for sample in shuffled(samples, self.shuffle_buffer, rng):
+            languages = [code for code in sample.captions if self.language_weights.get(code, 1.0) > 0]
+            if not languages:
+                # A configuration choice, not bad data: counted for TensorBoard, not warned.
+                skips.skip("lang_excluded", "", sample.key, warn=False)
+                continue
+            weights = [self.language_weights.get(code, 1.0) for code in languages]
+            lang = rng.choices(languages, weights=weights)[0]
+            yield TextPair(sample.captions["en"], sample.captions[lang], lang, sample.key)
+
+    def _val_pairs(self, consumer: Consumer, skips: SkipCounter) -> Iterator[TextPair]:
+        # Every language, whatever its training weight: a zero-weight language is exactly
+        # the zero-shot case one wants to measure.
+        for source_index in range(len(self.sources)):
+            for sample in self._samples(source_index, consumer, skips):
+                english = sample.captions["en"]
+                for lang, text in sample.captions.items():
+                    yield TextPair(english, text, lang, sample.key)
+
+    def _collate(self, pairs: list[TextPair], skipped: dict[str, int]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "teacher_text": [pair.teacher_text for pair in pairs],
+            "student_text": [pair.student_text for pair in pairs],
+            "lang": [pair.lang for pair in pairs],
+            "key": [pair.key for pair in pairs],
+            "skipped": skipped,
+        }
+        for role, tokenize in self.tokenizers.items():
+            batch[f"{role}_tokens"] = tokenize(batch[f"{role}_text"])
+        return batch
+
+
+def _plain(config: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists; anything else unchanged."""
+    if isinstance(config, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+class TextShardsDataModule(L.LightningDataModule):
+    """Stage-1 data: caption pairs from text shards (see the module docstring).
+
+    `train` / `val`: `{"urls": URLS}` or `{"sources": [{"urls": URLS, "weight": W}, ...]}`
+    where URLS is a string or list (brace ranges, globs, `pipe:` commands). Source weights
+    are shares of training samples; validation reads every source once, unweighted.
+    `languages`: training weight per language code; missing codes weigh 1.0, 0 excludes.
+    """
+
+    def __init__(
+        self,
+        train: Mapping[str, Any] | DictConfig,
+        val: Mapping[str, Any] | DictConfig | None,
+        batch_size: int,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        languages: Mapping[str, float] | DictConfig | None = None,
+        seed: int = 0,
+        tokenizers: Mapping[str, Tokenizer] | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
+        self.train_spec = _plain(train)
+        self.val_spec = _plain(val)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.language_weights = {str(code): float(weight) for code, weight in (_plain(languages) or {}).items()}
+        negative = {code: weight for code, weight in self.language_weights.items() if weight < 0}
+        if negative:
+            raise ValueError(f"language weights must be >= 0, got {negative}")
+        self.seed = seed
+        self.tokenizers: dict[str, Tokenizer] = {}
+        self.set_tokenizers(tokenizers)
+        self.train_sources: list[ShardSource] | None = None
+        self.val_sources: list[ShardSource] | None = None
+
+    def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
+        """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
+        tokenizers = dict(tokenizers or {})
+        unknown = sorted(set(tokenizers) - set(TOKENIZER_ROLES))
+        if unknown:
+            raise ValueError(f"unknown tokenizer role(s) {unknown}; known: {list(TOKENIZER_ROLES)}")
+        self.tokenizers = tokenizers
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_sources is None:
+            self.train_sources = parse_sources(self.train_spec)
+            self._log_sources("train", self.train_sources)
+        if stage in (None, "fit", "validate") and self.val_sources is None and self.val_spec is not None:
+            self.val_sources = parse_sources(self.val_spec)
+            self._log_sources("val", self.val_sources)
+
+    def _log_sources(self, split: str, sources: list[ShardSource]) -> None:
+        for source in sources:
+            rank_zero_info(
+                f"{split} text shards: {len(source.urls)} from {source.pattern} (weight {source.weight})"
+            )
+        rank_zero_info(
+            f"{split}: languages {self.language_weights or 'all at weight 1.0'}, batch size "
+            f"{self.batch_size if split == 'train' else self.val_batch_size}, workers {self.num_workers}"
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_sources is None:
+            self.setup("fit")
+        return self._loader(self.train_sources, train=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The finite validation stream; iterate it directly for a 'seen once' check."""
+        if self.val_spec is None:
+            return []  # Lightning skips validation for an empty list
+        if self.val_sources is None:
+            self.setup("validate")
+        return self._loader(self.val_sources, train=False, batch_size=self.val_batch_size)
+
+    def _loader(self, sources: list[ShardSource], *, train: bool, batch_size: int) -> DataLoader:
+        rank, world_size = distributed_rank_and_world()
+        stream = TextPairStream(
+            sources,
+            train=train,
+            batch_size=batch_size,
+            language_weights=self.language_weights,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            tokenizers=self.tokenizers,
+            rank=rank,
+            world_size=world_size,
+        )
+        # batch_size=None: the workers already return whole batches.
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

@@ -1,0 +1,131 @@
+"""The thin base every stage module stands on.
+
+What it owns, so the stages don't repeat it:
+- which parts train: the config's ``train.trainable`` names child modules; everything else
+  is frozen, and the set is logged and asserted when fitting starts (a wrong trainable set
+  is the classic silent bug of this field);
+- checkpoints that hold only what trains (a frozen 7B LLM is loaded again from its source,
+  never copied into every checkpoint);
+- AdamW with warm-up then cosine decay, on the trainable parameters only;
+- the bad-sample counts the data workers attach to each batch, summed and logged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lightning_modules.frozen import freeze
+
+log = logging.getLogger(__name__)
+
+
+class StageModule(L.LightningModule):
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Frozen weights are left out of checkpoints (see on_save_checkpoint), so loading one
+        # must not demand them; on_load_checkpoint checks that every trained weight is there.
+        self.strict_loading = False
+        self.skipped: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ what trains
+
+    def apply_trainable(self) -> None:
+        """Unfreeze the children named in ``train.trainable``; freeze every other child."""
+        wanted = list(self.cfg.train.trainable)
+        children = dict(self.named_children())
+        unknown = [n for n in wanted if n not in children]
+        if unknown:
+            raise ValueError(
+                f"config key 'train.trainable' names {unknown}, which stage {self.cfg.stage} does not have; "
+                f"its parts are {sorted(children)}"
+            )
+        for name, child in children.items():
+            if name in wanted:
+                child.requires_grad_(True)
+            else:
+                freeze(child)
+
+    def trainable_report(self) -> list[tuple[str, int, int]]:
+        """(child, parameters, trainable parameters) for every child module."""
+        return [
+            (name, sum(p.numel() for p in child.parameters()), sum(p.numel() for p in child.parameters() if p.requires_grad))
+            for name, child in self.named_children()
+        ]
+
+    def on_fit_start(self) -> None:
+        report = self.trainable_report()
+        lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'trains' if n else 'frozen'}" for name, total, n in report]
+        log.info("Stage %d parts (parameters, state):\n%s", self.cfg.stage, "\n".join(lines))
+        training = {name for name, _, n in report if n}
+        partly = [name for name, total, n in report if 0 < n < total]
+        expected = set(self.cfg.train.trainable)
+        if training != expected or partly:
+            raise RuntimeError(
+                f"trainable set {sorted(training)} (partly trainable: {partly}) differs from "
+                f"train.trainable={sorted(expected)}: refusing to train the wrong parameters"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"{name}." for name, child in self.named_children() if not any(p.requires_grad for p in child.parameters()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_prefixes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["skipped_samples"] = dict(self.skipped)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_prefixes()
+        needed = {k for k in self.state_dict() if not k.startswith(frozen)}
+        missing = sorted(needed - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}: it is not from this stage")
+        self.skipped = Counter(checkpoint.get("skipped_samples", {}))
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
+        total, warmup = max(1, int(self.cfg.trainer.max_steps)), max(0, int(o.warmup_steps))
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if o.schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ data health
+
+    def count_skipped(self, batch: dict[str, Any]) -> None:
+        """Add the workers' per-batch skip counts to the run's totals and log them."""
+        new = batch.get("skipped") or {}
+        if not new:
+            return
+        self.skipped.update({k: int(v) for k, v in new.items() if v})
+        for reason, total in self.skipped.items():
+            self.log(f"data/skipped_{reason}", float(total), reduce_fx="sum", sync_dist=False, on_step=True, on_epoch=False)
+
+    @staticmethod
+    def batch_size_of(batch: dict[str, Any]) -> int:
+        return len(batch["key"])
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

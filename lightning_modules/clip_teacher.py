@@ -1,0 +1,166 @@
+"""The CLIP teacher of stage 1: the text features the base model's UNet consumes.
+
+Stage 1 (OmniDiffusion, ECCV 2024) trains the adapter to reproduce the base model's own
+CLIP text features on text alone. The teacher loads the text side of a diffusers base
+folder (``tokenizer/``, ``text_encoder/``, and for SDXL ``tokenizer_2/``,
+``text_encoder_2/``) with ``from_pretrained`` and gives:
+
+- ``sd15``: CLIP-L's last hidden state (after the final layer norm) of the prompt padded
+  to the tokenizer's 77 tokens, as the SD1.5 pipelines feed the UNet -> ``[B, 77, 768]``.
+- ``sdxl``: the paper's long-prompt form (DESIGN.md: N = 227 = 3 x 75 + 2). The prompt's
+  tokens (without BOS/EOS) are cut into 3 windows of 75; each window is encoded by both
+  CLIP-L and OpenCLIP-bigG as a normal 77-token SDXL prompt, and the penultimate hidden
+  layers (``hidden_states[-2]``, as SDXL uses them) are concatenated -> 768 + 1280 = 2048
+  per token. The windows are joined into 1 + 3 x 75 + 1 = 227 tokens: the first window's
+  BOS slot, slots 1..75 of every window, and the last window's final slot (its EOS when
+  the prompt fills it). Pooled: bigG's projected pooled output (``text_embeds``) of the
+  first window -> ``[B, 1280]``.
+
+Window layout: each window is ``BOS + tokens + EOS`` padded to 77 with that tokenizer's pad
+(CLIP-L pads with EOS, bigG with ``"!"``), exactly what the SDXL pipeline builds for a
+prompt of up to 75 tokens. So for such prompts window 1 and the pooled vector equal the
+base model's usual conditioning, and the pooled vector is taken at the EOS right after
+the text, where bigG was trained to pool (an EOS forced to slot 76 after 70 ``"!"`` pads
+would give a pooled vector the UNet never saw). Windows are encoded in one batched call.
+
+Dimensions are read from the loaded configs (tiny stand-ins have other sizes). The SD
+pipelines pass no attention mask to CLIP (causal attention only), and neither does this.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lightning_modules.frozen import freeze
+from lightning_modules.text_encoder import torch_dtype
+
+TeacherKind = Literal["sd15", "sdxl"]
+
+# The paper's SDXL target covers 3 windows of 75 prompt tokens (N = 3 x 75 + 2 = 227).
+SDXL_WINDOWS = 3
+
+
+class CLIPPromptTokenizer:
+    """Tokenize prompts for :class:`CLIPTeacher`; picklable and model-free (DataLoader workers).
+
+    ``__call__(texts)`` returns
+    - sd15: ``{"input_ids": LongTensor[B, 77]}``,
+    - sdxl: ``{"input_ids": LongTensor[B, 3, 77], "input_ids_2": LongTensor[B, 3, 77]}``
+      (windows for CLIP-L and for bigG, each tokenized by its own tokenizer).
+    """
+
+    def __init__(self, base_path: str | Path, kind: TeacherKind) -> None:
+        if kind not in ("sd15", "sdxl"):
+            raise ValueError(f"teacher kind must be 'sd15' or 'sdxl', got {kind!r}")
+        self.kind: TeacherKind = kind
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer")
+        self.tokenizer_2 = (
+            CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer_2") if kind == "sdxl" else None
+        )
+        self.max_length = int(self.tokenizer.model_max_length)  # 77 for every SD base
+        self.window = self.max_length - 2  # prompt tokens per window, between BOS and EOS
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens in the teacher's context: 77 (sd15) or 3 x 75 + 2 = 227 (sdxl)."""
+        return self.max_length if self.kind == "sd15" else SDXL_WINDOWS * self.window + 2
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("CLIPPromptTokenizer takes a list of prompts, not a single string")
+        texts = list(texts)
+        if self.kind == "sd15":
+            ids = self.tokenizer(
+                texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )["input_ids"]
+            return {"input_ids": ids}
+        return {"input_ids": self._windows(self.tokenizer, texts), "input_ids_2": self._windows(self.tokenizer_2, texts)}
+
+    def _windows(self, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+        """``[B, 3, 77]``: per window ``BOS + up to 75 tokens + EOS``, then that tokenizer's pad."""
+        content = tokenizer(
+            texts, add_special_tokens=False, truncation=True, max_length=SDXL_WINDOWS * self.window
+        )["input_ids"]
+        out = torch.full((len(texts), SDXL_WINDOWS, self.max_length), tokenizer.pad_token_id, dtype=torch.long)
+        for b, row in enumerate(content):
+            for w in range(SDXL_WINDOWS):
+                chunk = row[w * self.window : (w + 1) * self.window]
+                window = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
+                out[b, w, : len(window)] = torch.tensor(window, dtype=torch.long)
+        return out
+
+
+class CLIPTeacher(nn.Module):
+    """The base model's frozen CLIP text encoder(s).
+
+    ``forward(tokens) -> {"context": [B, N, D] float32, "pooled": [B, P] float32 or None}``
+    with ``tokens`` from :attr:`tokenizer`; N = :attr:`context_tokens`, D = :attr:`context_dim`,
+    P = :attr:`pooled_dim` (None for sd15).
+    """
+
+    def __init__(self, base_path: str | Path, kind: TeacherKind, dtype: str | torch.dtype = "float32") -> None:
+        super().__init__()
+        self._tokenizer = CLIPPromptTokenizer(base_path, kind)
+        self.kind: TeacherKind = kind
+        dtype = torch_dtype(dtype)
+        self.text_encoder = freeze(CLIPTextModel.from_pretrained(str(base_path), subfolder="text_encoder", dtype=dtype))
+        self.text_encoder_2 = (
+            freeze(CLIPTextModelWithProjection.from_pretrained(str(base_path), subfolder="text_encoder_2", dtype=dtype))
+            if kind == "sdxl"
+            else None
+        )
+        positions = self.text_encoder.config.max_position_embeddings
+        if self._tokenizer.max_length > positions:
+            raise ValueError(f"tokenizer max_length {self._tokenizer.max_length} exceeds CLIP's {positions} positions")
+        freeze(self)  # the wrapper too, so nothing added to it later can train by accident
+
+    @property
+    def tokenizer(self) -> CLIPPromptTokenizer:
+        return self._tokenizer
+
+    @property
+    def context_tokens(self) -> int:
+        return self._tokenizer.context_tokens
+
+    @property
+    def context_dim(self) -> int:
+        width = self.text_encoder.config.hidden_size
+        return width + self.text_encoder_2.config.hidden_size if self.text_encoder_2 is not None else width
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else None
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        device = self.text_encoder.device
+        with torch.no_grad():
+            if self.text_encoder_2 is None:
+                context = self.text_encoder(input_ids=tokens["input_ids"].to(device)).last_hidden_state
+                return {"context": context.float(), "pooled": None}
+
+            ids, ids_2 = tokens["input_ids"].to(device), tokens["input_ids_2"].to(device)
+            batch, windows, length = ids.shape
+            # Per-call output_hidden_states (DESIGN.md: configs lose it when unpickled).
+            out_1 = self.text_encoder(input_ids=ids.reshape(-1, length), output_hidden_states=True)
+            out_2 = self.text_encoder_2(input_ids=ids_2.reshape(-1, length), output_hidden_states=True)
+            # hidden_states = (embeddings, layer 1, ..., layer L): [-2] is the penultimate layer.
+            per_window = torch.cat([out_1.hidden_states[-2].float(), out_2.hidden_states[-2].float()], dim=-1)
+            per_window = per_window.reshape(batch, windows, length, -1)
+            context = torch.cat(
+                [
+                    per_window[:, 0, :1],  # the first window's BOS slot
+                    per_window[:, :, 1 : length - 1].reshape(batch, windows * (length - 2), -1),
+                    per_window[:, -1, length - 1 :],  # the last window's final (EOS) slot
+                ],
+                dim=1,
+            )
+            pooled = out_2.text_embeds.reshape(batch, windows, -1)[:, 0].float()
+        return {"context": context, "pooled": pooled}
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor | None]:
+        """Tokenize and encode: ``{"context", "pooled"}``."""
+        return self(self.tokenizer(texts))

@@ -1,0 +1,229 @@
+"""The frozen LLM used as the text encoder, and the tokenizer that feeds it.
+
+OmniDiffusion (ECCV 2024) feeds ``BOS + prompt`` (no chat template) to a frozen LLM and
+takes the last hidden state of those tokens as the text feature; other layers or a mix of
+layers are an option here (``layers``, ``layer_mix``).
+
+- :class:`PromptTokenizer` is picklable and holds no model, so DataLoader workers can
+  tokenize; it right-pads, so with a causal LLM the features of real tokens never see the
+  padding.
+- :class:`LLMTextEncoder` loads any Hugging Face model with ``from_pretrained``: decoder-only
+  models through ``AutoModel`` (the base model, no LM head), encoder-decoder ones (T5, mT5,
+  UMT5) through ``AutoModelForTextEncoding`` (their encoder only, so the decoder weights
+  are never loaded). It is frozen with :func:`~lightning_modules.frozen.freeze`.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForTextEncoding,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from lightning_modules.frozen import freeze
+
+LayerMix = Literal["mean", "concat"]
+
+# Tokenizers without a known limit report a huge sentinel (int(1e30)) as model_max_length.
+_SANE_LENGTH_LIMIT = 1_000_000
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (and so on)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    resolved = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown floating dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    return resolved
+
+
+class PromptTokenizer:
+    """Tokenize prompts for an LLM text encoder: ``BOS + prompt``, right-padded, no chat template.
+
+    ``__call__(texts) -> {"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T]}``
+    with ``T`` the longest prompt in the batch (at most ``max_length``).
+
+    BOS: the paper feeds ``BOS + prompt``. A tokenizer that adds BOS itself (Llama) is used
+    as is; one that has a BOS token but does not add it gets it prepended when ``add_bos``;
+    a model without a BOS token (T5, Qwen2) gets none. With ``add_bos=False`` there is never
+    a BOS. Other special tokens the tokenizer adds (T5's trailing ``</s>``) are kept, since
+    that is how the model saw text in training.
+
+    Padding uses the pad token, else eos, else unk (the vocabulary is never changed; the
+    id only has to exist, as padded positions are masked). A prompt that yields no token
+    at all (an empty caption with a tokenizer that adds nothing, Qwen2) gets one pad token
+    marked as real, so every row has something to attend to downstream.
+    """
+
+    def __init__(
+        self,
+        path_or_name: str,
+        max_length: int = 256,
+        add_bos: bool = True,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> None:
+        self.path_or_name = str(path_or_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.path_or_name, trust_remote_code=trust_remote_code, revision=revision
+        )
+        tok = self.tokenizer
+        self.bos_id: int | None = tok.bos_token_id
+        probe = tok("a", add_special_tokens=True)["input_ids"]
+        adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
+        # Exactly one of these can be true: prepend when wanted but missing, strip when unwanted.
+        self.prepend_bos = add_bos and self.bos_id is not None and not adds_bos
+        self.strip_bos = not add_bos and adds_bos
+        pad_candidates = (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id)
+        self.pad_id: int = next((i for i in pad_candidates if i is not None), 0)
+        self.max_length = min(max_length, *self._known_limits(tok, trust_remote_code, revision))
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+
+    def _known_limits(self, tok: PreTrainedTokenizerBase, trust_remote_code: bool, revision: str | None) -> list[int]:
+        """The tokenizer's and the model's length limits, where they are known and sane."""
+        limits = [tok.model_max_length]
+        try:
+            config = AutoConfig.from_pretrained(self.path_or_name, trust_remote_code=trust_remote_code, revision=revision)
+        except OSError:  # a folder with a tokenizer only: no model limit to honour
+            config = None
+        limits.append(getattr(config, "max_position_embeddings", None))
+        return [n for n in limits if isinstance(n, int) and 0 < n < _SANE_LENGTH_LIMIT]
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("PromptTokenizer takes a list of prompts, not a single string")
+        # Leave room for the BOS we add (or take off); the tokenizer's truncation already
+        # counts the special tokens it adds itself.
+        budget = self.max_length - int(self.prepend_bos) + int(self.strip_bos)
+        rows = self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=budget)["input_ids"]
+        if self.prepend_bos:
+            rows = [[self.bos_id, *row] for row in rows]
+        elif self.strip_bos:
+            rows = [row[1:] for row in rows]
+        lengths = [max(len(row), 1) for row in rows]
+        width = max(lengths, default=1)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _load_backbone(
+    config: PretrainedConfig, path_or_name: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None
+) -> nn.Module:
+    """The part of the model that makes token features: the encoder, or the LM-head-less decoder."""
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": revision}
+    if getattr(config, "is_encoder_decoder", False):
+        return AutoModelForTextEncoding.from_pretrained(path_or_name, **kwargs)
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and auto_map and "AutoModel" not in auto_map and "AutoModelForCausalLM" in auto_map:
+        # Remote-code repos such as Baichuan2 register only their causal-LM class; its base
+        # model (``base_model_prefix``) is the LM-head-less decoder.
+        return AutoModelForCausalLM.from_pretrained(path_or_name, **kwargs).base_model
+    return AutoModel.from_pretrained(path_or_name, **kwargs)
+
+
+class LLMTextEncoder(nn.Module):
+    """A frozen Hugging Face LLM giving per-token prompt features.
+
+    ``forward(input_ids, attention_mask) -> (features [B, T, hidden_size] float32, mask [B, T] bool)``.
+
+    ``layers`` index the model's hidden states like a Python sequence whose items are
+    (embeddings, layer 1, ..., layer L): ``-1`` is the last layer, ``0`` the embeddings.
+    Index ``-1`` (= ``L``) is always the model's own ``last_hidden_state``, i.e. *after*
+    the final norm for Llama / Qwen2 / Gemma2 / T5, which is what the paper uses; the other
+    indexes are the raw residual stream of that layer (no final norm), as
+    ``output_hidden_states`` returns it. With ``layer_mix="mean"`` the chosen layers are
+    averaged (width = model width), with ``"concat"`` concatenated (width x len(layers)).
+
+    Features of padded positions are set to zero, so they are deterministic (e.g. when
+    cached) and can never carry NaN/inf into an attention that masks them.
+    """
+
+    def __init__(
+        self,
+        path_or_name: str,
+        dtype: str | torch.dtype = "float32",
+        max_length: int = 256,
+        layers: tuple[int, ...] | list[int] = (-1,),
+        layer_mix: LayerMix = "mean",
+        add_bos: bool = True,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> None:
+        super().__init__()
+        if layer_mix not in ("mean", "concat"):
+            raise ValueError(f"layer_mix must be 'mean' or 'concat', got {layer_mix!r}")
+        if len(layers) == 0:
+            raise ValueError("layers must name at least one hidden state, e.g. (-1,)")
+        self._name = str(path_or_name)
+        config = AutoConfig.from_pretrained(self._name, trust_remote_code=trust_remote_code, revision=revision)
+        self.model = freeze(_load_backbone(config, self._name, torch_dtype(dtype), trust_remote_code, revision))
+        self._tokenizer = PromptTokenizer(self._name, max_length, add_bos, trust_remote_code, revision)
+
+        # hidden_states holds the embeddings plus one entry per layer.
+        self.num_hidden_states = self.model.config.num_hidden_layers + 1
+        n = self.num_hidden_states
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for {self._name}: it has {n} hidden states (-{n}..{n - 1})")
+        self.layers = tuple(int(i) % n for i in layers)
+        self.layer_mix: LayerMix = layer_mix
+        self.model_width = int(self.model.config.hidden_size)
+        freeze(self)  # the wrapper too, so nothing added to it later can train by accident
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        return self._tokenizer
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the features ``forward`` returns."""
+        return self.model_width * (len(self.layers) if self.layer_mix == "concat" else 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self.num_hidden_states - 1
+        # All hidden states of a 7B model for a batch cost GBs: only ask for them when a layer
+        # other than the last is wanted. Passed per call, never through the config, which a
+        # transformers-5 model loses when unpickled in a new process (DESIGN.md).
+        need_hidden = any(i != last for i in self.layers)
+        kwargs = {} if getattr(self.model.config, "is_encoder_decoder", False) else {"use_cache": False}
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden, **kwargs
+            )
+            if need_hidden and len(out.hidden_states) != self.num_hidden_states:
+                raise RuntimeError(
+                    f"{self._name} returned {len(out.hidden_states)} hidden states, expected {self.num_hidden_states}"
+                )
+            picked = [out.last_hidden_state if i == last else out.hidden_states[i] for i in self.layers]
+            if self.layer_mix == "concat":
+                features = torch.cat([p.float() for p in picked], dim=-1)
+            else:
+                features = torch.stack([p.float() for p in picked]).mean(0)
+            mask = attention_mask.bool()
+            features = features.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return features, mask
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize and encode on the model's device: ``(features, mask)``."""
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(texts)
+        return self(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))

@@ -1,0 +1,70 @@
+"""The demo's colour accuracy: does a prompt in any language draw its colour?
+
+Every colour x shape, in the plain phrasings a user would type per language
+(`datamodules.demo_data.PLAIN_PROMPTS`), `per_prompt` seeds each; an image counts as right
+when its dominant saturated colour is the prompt's. Shape accuracy is reported beside it.
+
+    python -m linguadiff.demo_eval run_dir=runs/stage1            # LLM + adapter, every language
+    python -m linguadiff.demo_eval base_only=true                    # the base with its own CLIP (English)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from datamodules import demo_data
+from linguadiff.cli import parse_args
+from linguadiff.config import PROJECT_ROOT, ConfigError
+
+
+def colour_accuracy(generator, languages=demo_data.LANGUAGES, per_prompt: int = 4, seed: int = 1000, **draw) -> dict:
+    """{lang: {"colour": acc, "shape": acc, "images": n}} (seeds differ from generate.py's default 0)."""
+    results = {}
+    for lang in languages:
+        prompts = demo_data.plain_prompts(lang)
+        drawn = generator([p for p, _, _ in prompts], num_images=per_prompt, seed=seed, **draw)
+        colour = sum(demo_data.dominant_colour(im) == prompts[i][1] for i, _, im in drawn)
+        shape = sum(demo_data.classify_shape(im) == prompts[i][2] for i, _, im in drawn)
+        results[lang] = {"colour": colour / len(drawn), "shape": shape / len(drawn), "images": len(drawn)}
+    return results
+
+
+def format_table(results: dict, title: str) -> str:
+    lines = [title, f"{'lang':<6}{'colour':>8}{'shape':>8}{'images':>8}"]
+    for lang, r in results.items():
+        lines.append(f"{lang:<6}{r['colour']:>8.1%}{r['shape']:>8.1%}{r['images']:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = {"run_dir": None, "base_only": False, "base": str(PROJECT_ROOT / "assets" / "demo_base"),
+               "per_prompt": 4, "seed": 1000, "steps": None, "guidance": None, "scheduler": None}
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, options)
+        if not args["base_only"] and not args["run_dir"]:
+            raise ConfigError("give run_dir=... (a stage-1/2/3 run) or base_only=true")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from linguadiff.generation import Generator
+
+    draw = {k: args[k] for k in ("steps", "guidance", "scheduler")}
+    if args["base_only"]:
+        generator = Generator.from_base(args["base"], "demo", scheduler="ddim", steps=20, guidance=1.5)
+        results = colour_accuracy(generator, ("en",), args["per_prompt"], args["seed"], **draw)
+        title, out = f"base {args['base']} with its own English CLIP encoder", None
+    else:
+        generator = Generator.from_run(args["run_dir"])
+        results = colour_accuracy(generator, per_prompt=args["per_prompt"], seed=args["seed"], **draw)
+        title, out = f"{args['run_dir']} (LLM + adapter)", Path(args["run_dir"]) / "eval" / "colour_accuracy.json"
+    print(format_table(results, title))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Text-to-image generation with an exported adapter: LLM + adapter stand in for CLIP.
+
+SD1.5 and SDXL bases run through diffusers' own pipelines, handed ``prompt_embeds`` (and
+``pooled_prompt_embeds`` for SDXL), so users keep diffusers' schedulers and speed-ups; the
+demo's pixel-space base runs through `PixelDiffusionPipeline` with the same scheduler API.
+The negative prompt goes through the same LLM + adapter, and prompts are batched.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lightning_modules.adapter import QueryAdapter
+from lightning_modules.text_encoder import LLMTextEncoder, torch_dtype
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def make_scheduler(name: str, config: dict[str, Any]):
+    """A diffusers sampler built from the base's noise-schedule config."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "dpm++":  # the paper's sampler: DPM-Solver++ with Karras sigmas
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    samplers = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}
+    if name not in samplers:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of dpm++, {', '.join(samplers)}")
+    return samplers[name].from_config(config)
+
+
+def find_adapter(path: str | Path) -> Path:
+    """`path` may be the adapter file, an export folder or a run_dir."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / ADAPTER_FILE, path / "export" / ADAPTER_FILE):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no {ADAPTER_FILE} at {path} (nor in {path / 'export'}): has that run finished? "
+        "Export happens at the end of training."
+    )
+
+
+class AdapterTextEncoder(torch.nn.Module):
+    """Prompts -> base-model text conditioning, through the frozen LLM and the trained adapter."""
+
+    def __init__(self, text_encoder: LLMTextEncoder, adapter: QueryAdapter) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.adapter = adapter.eval().requires_grad_(False)
+
+    @classmethod
+    def from_export(cls, adapter_path: str | Path, llm_path: str | None = None, dtype: str | None = None):
+        """Rebuild from an exported adapter alone (its metadata names the LLM and layers)."""
+        adapter, meta = QueryAdapter.from_file(adapter_path)
+        llm = meta["llm"]
+        text_encoder = LLMTextEncoder(
+            llm_path or llm["path"],
+            dtype=dtype or llm["dtype"],
+            max_length=llm["max_length"],
+            layers=tuple(llm["layers"]),
+            layer_mix=llm["layer_mix"],
+            add_bos=llm["add_bos"],
+            trust_remote_code=llm["trust_remote_code"],
+            revision=llm.get("revision"),
+        )
+        return cls(text_encoder, adapter), meta
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> dict[str, torch.Tensor | None]:
+        features, mask = self.text_encoder.encode(prompts)
+        features = features.to(next(self.adapter.parameters()).dtype)
+        return self.adapter(features, mask)
+
+
+@dataclass
+class Generator:
+    """A text encoder (prompts -> {"context", "pooled"}) + the base's diffusion pipeline."""
+
+    encoder: Any  # AdapterTextEncoder, or the base's own CLIP (CLIPTeacher) for reference
+    pipeline: Any
+    kind: str
+    metadata: dict[str, Any]
+    defaults: dict[str, Any]
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        base_path: str | None = None,
+        llm_path: str | None = None,
+    ) -> "Generator":
+        adapter_path = find_adapter(run_dir)
+        encoder, meta = AdapterTextEncoder.from_export(adapter_path, llm_path=llm_path, dtype=dtype)
+        base = meta["base_model"]
+        kind, path = base["kind"], base_path or base["path"]
+        # A stage-2/3 export carries its trained UNet beside the adapter.
+        unet_dir = adapter_path.parent / "unet"
+        pipeline = _load_pipeline(kind, path, unet_dir if unet_dir.is_dir() else None, torch_dtype(dtype), base.get("revision"))
+        pipeline.set_progress_bar_config(disable=True)
+        encoder.to(device)
+        pipeline.to(device)
+        return cls(encoder=encoder, pipeline=pipeline, kind=kind, metadata=meta, defaults=dict(meta.get("generate", {})))
+
+    @classmethod
+    def from_base(cls, base_path: str, kind: str, device: str = "cpu", dtype: str = "float32", **defaults) -> "Generator":
+        """The base model with its own CLIP text encoder: the reference the adapter must match."""
+        from lightning_modules.clip_teacher import CLIPTeacher
+
+        encoder = CLIPTeacher(base_path, kind="sd15" if kind == "demo" else kind, dtype=dtype).to(device)
+        pipeline = _load_pipeline(kind, base_path, None, torch_dtype(dtype), None)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.to(device)
+        return cls(encoder=_NoGrad(encoder), pipeline=pipeline, kind=kind, metadata={}, defaults=defaults)
+
+    def __call__(
+        self,
+        prompts: list[str],
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        scheduler: str | None = None,
+        batch_size: int = 16,
+    ) -> list[tuple[int, int, Image.Image]]:
+        """Draw `num_images` per prompt; image j of every prompt uses seed `seed + j`, so
+        the same seed compares prompts (and languages) on the same starting noise.
+        Returns (prompt index, image index, image) triples."""
+        steps = steps or self.defaults.get("steps", 50)
+        guidance = guidance if guidance is not None else self.defaults.get("guidance", 7.5)
+        negative_prompt = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
+        self.pipeline.scheduler = make_scheduler(scheduler or self.defaults.get("scheduler", "dpm++"), self.pipeline.scheduler.config)
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
+        negative = self.encoder([negative_prompt])
+        results = []
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            cond = self.encoder([prompts[i] for i, _ in chunk])
+            generators = [torch.Generator().manual_seed(seed + j) for _, j in chunk]
+            images = self._draw(cond, negative, len(chunk), steps, guidance, generators)
+            results += [(i, j, im) for (i, j), im in zip(chunk, images)]
+        return results
+
+    def _draw(self, cond, negative, n, steps, guidance, generators) -> list[Image.Image]:
+        dtype = self.pipeline.unet.dtype
+        context = cond["context"].to(dtype)
+        negative_context = negative["context"].to(dtype).expand(n, -1, -1)
+        if self.kind == "demo":
+            return self.pipeline(context, negative_context, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
+        kwargs = dict(
+            prompt_embeds=context,
+            negative_prompt_embeds=negative_context,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+        )
+        if self.kind == "sdxl":
+            kwargs["pooled_prompt_embeds"] = cond["pooled"].to(dtype)
+            kwargs["negative_pooled_prompt_embeds"] = negative["pooled"].to(dtype).expand(n, -1)
+        return self.pipeline(**kwargs).images
+
+
+class _NoGrad:
+    def __init__(self, encoder) -> None:
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> dict:
+        return self.encoder.encode(prompts)
+
+
+def _load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dtype, revision: str | None):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype) if unet_dir else None
+    if kind == "demo":
+        from linguadiff.pixel_pipeline import PixelDiffusionPipeline
+
+        unet = unet or UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, revision=revision)
+        return PixelDiffusionPipeline(unet=unet, scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision))
+    if kind == "sd15":
+        from diffusers import StableDiffusionPipeline
+
+        extra = {"unet": unet} if unet is not None else {}
+        # The LLM + adapter replaces CLIP: don't load CLIP at all.
+        return StableDiffusionPipeline.from_pretrained(
+            path, text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, torch_dtype=dtype, revision=revision, **extra,
+        )
+    if kind == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        extra = {"unet": unet} if unet is not None else {}
+        return StableDiffusionXLPipeline.from_pretrained(
+            path, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+            torch_dtype=dtype, revision=revision, **extra,
+        )
+    raise ValueError(f"unknown base model kind {kind!r} (demo, sd15 or sdxl)")
