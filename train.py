@@ -16,7 +16,10 @@ from linguadiff.config import ConfigError, load_config, resolve
 
 
 def setup_logging() -> None:
-    """One format for our lines and Lightning's (it ships its own handler: drop it, or lines double)."""
+    """One format for our lines and Lightning's (it adds its own handler on import: drop it,
+    or every line is printed twice)."""
+    import lightning  # noqa: F401  - so its handlers exist before we remove them
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()

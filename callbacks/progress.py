@@ -31,6 +31,17 @@ class ThroughputLogger(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._reset()
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Validation is neither training nor waiting for data: take it out of the window.
+        spent = time.perf_counter() - getattr(self, "_validation_start", time.perf_counter())
+        if self._window_start is not None:
+            self._window_start += spent
+        if self._last_batch_end is not None:
+            self._last_batch_end += spent
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._window_start is None:

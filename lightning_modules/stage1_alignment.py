@@ -25,7 +25,7 @@ from lightning_modules.adapter import QueryAdapter
 from lightning_modules.base import StageModule
 from lightning_modules.clip_teacher import CLIPTeacher
 from lightning_modules.losses import ALIGNMENT_LOSSES, token_cosine_similarity
-from lightning_modules.text_encoder import LLMTextEncoder
+from lightning_modules.text_encoder import LLMTextEncoder, length_groups
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,20 @@ class Stage1Alignment(StageModule):
     # ------------------------------------------------------------------ forward
 
     def student(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        features, mask = self.text_encoder(tokens["input_ids"], tokens["attention_mask"])
-        return self.adapter(features, mask)
+        """LLM + adapter, run per group of similar prompt lengths (same result, less padding)."""
+        ids, attention = tokens["input_ids"], tokens["attention_mask"]
+        groups = length_groups(attention.sum(1))
+        if len(groups) == 1:
+            return self.adapter(*self.text_encoder(ids, attention))
+        parts = []
+        for index in groups:
+            width = int(attention[index].sum(1).max())
+            parts.append(self.adapter(*self.text_encoder(ids[index, :width], attention[index, :width])))
+        inverse = torch.argsort(torch.cat(groups))
+        return {
+            key: None if parts[0][key] is None else torch.cat([p[key] for p in parts])[inverse]
+            for key in parts[0]
+        }
 
     def alignment(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.loss.norm_weight

@@ -121,6 +121,29 @@ class PromptTokenizer:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def length_groups(lengths: torch.Tensor, min_saving: float = 0.25) -> list[torch.Tensor]:
+    """Split a batch into two groups of similar prompt length when that saves padded work.
+
+    A batch is padded to its longest prompt, so one long caption makes every row pay for
+    its length (a 700-byte caption among 40-byte ones costs ~15x). Splitting the sorted
+    lengths at the point that minimises padded tokens, and encoding each group trimmed to
+    its own longest, gives the same features (masks make rows independent) for less work.
+    Returns index tensors into the batch; one group when the split saves < `min_saving`.
+    """
+    order = torch.argsort(lengths)
+    ordered = lengths[order].tolist()
+    n = len(ordered)
+    full = n * ordered[-1] if n else 0
+    best_k, best = n, full
+    for k in range(1, n):
+        cost = k * ordered[k - 1] + (n - k) * ordered[-1]
+        if cost < best:
+            best_k, best = k, cost
+    if n == 0 or best > (1 - min_saving) * full:
+        return [torch.arange(n, device=lengths.device)]
+    return [order[:best_k], order[best_k:]]
+
+
 def _load_backbone(
     config: PretrainedConfig, path_or_name: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None
 ) -> nn.Module:
