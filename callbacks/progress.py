@@ -66,11 +66,13 @@ class ThroughputLogger(L.Callback):
         remaining = max(0, trainer.max_steps - step)
         steps_per_sec = self.every_n_steps / elapsed if step >= self.every_n_steps else step / elapsed
         loss = trainer.callback_metrics.get("train/loss")
+        skipped = sum(getattr(pl_module, "skipped", {}).values())
         if trainer.is_global_zero:
             log.info(
-                "step %d/%d | loss %s | %.1f %s/s | data wait %.0f%% | ETA %s",
+                "step %d/%d | loss %s | %.1f %s/s | data wait %.0f%% | ETA %s%s",
                 step, trainer.max_steps, f"{float(loss):.4f}" if loss is not None else "-", rate, self.unit,
                 100 * wait, _duration(remaining / steps_per_sec if steps_per_sec > 0 else 0),
+                f" | skipped inputs {skipped} (data/skipped_* in TensorBoard)" if skipped else "",
             )
         self._window_start, self._samples, self._wait = now, 0, 0.0
 

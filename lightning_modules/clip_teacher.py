@@ -94,6 +94,23 @@ class CLIPPromptTokenizer:
         return out
 
 
+def _encode_unique_windows(encoder: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Penultimate hidden states (and projected pooled output, when the model has one) of
+    each window, encoding every distinct window once.
+
+    Most prompts fill one window of three: the other two are BOS + EOS + padding, the same
+    for every prompt, and CLIP (causal, no attention mask) gives them the same features. So
+    encoding the distinct rows and indexing back gives identical results for less work.
+    """
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    # Per-call output_hidden_states (DESIGN.md: configs lose it when unpickled).
+    out = encoder(input_ids=unique, output_hidden_states=True)
+    # hidden_states = (embeddings, layer 1, ..., layer L): [-2] is the penultimate layer.
+    hidden = out.hidden_states[-2][inverse]
+    pooled = out.text_embeds[inverse] if getattr(out, "text_embeds", None) is not None else None
+    return hidden, pooled
+
+
 class CLIPTeacher(nn.Module):
     """The base model's frozen CLIP text encoder(s).
 
@@ -144,12 +161,9 @@ class CLIPTeacher(nn.Module):
 
             ids, ids_2 = tokens["input_ids"].to(device), tokens["input_ids_2"].to(device)
             batch, windows, length = ids.shape
-            # Per-call output_hidden_states (DESIGN.md: configs lose it when unpickled).
-            out_1 = self.text_encoder(input_ids=ids.reshape(-1, length), output_hidden_states=True)
-            out_2 = self.text_encoder_2(input_ids=ids_2.reshape(-1, length), output_hidden_states=True)
-            # hidden_states = (embeddings, layer 1, ..., layer L): [-2] is the penultimate layer.
-            per_window = torch.cat([out_1.hidden_states[-2].float(), out_2.hidden_states[-2].float()], dim=-1)
-            per_window = per_window.reshape(batch, windows, length, -1)
+            hidden_1, _ = _encode_unique_windows(self.text_encoder, ids.reshape(-1, length))
+            hidden_2, pooled_2 = _encode_unique_windows(self.text_encoder_2, ids_2.reshape(-1, length))
+            per_window = torch.cat([hidden_1.float(), hidden_2.float()], dim=-1).reshape(batch, windows, length, -1)
             context = torch.cat(
                 [
                     per_window[:, 0, :1],  # the first window's BOS slot
@@ -158,7 +172,7 @@ class CLIPTeacher(nn.Module):
                 ],
                 dim=1,
             )
-            pooled = out_2.text_embeds.reshape(batch, windows, -1)[:, 0].float()
+            pooled = pooled_2.reshape(batch, windows, -1)[:, 0].float()
         return {"context": context, "pooled": pooled}
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor | None]:

@@ -21,11 +21,19 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     write_demo_shards(shards, num_samples=96, samples_per_shard=32, seed=0, image_size=16, prefix="train",
                       with_images=False, parallel_in_json=True)
     write_demo_shards(shards, num_samples=24, samples_per_shard=24, seed=1, image_size=16, prefix="val", with_images=False)
+    # A fourth training shard with bad samples among good ones: skipped, counted, logged.
+    import webdataset as wds
+
+    with wds.TarWriter(str(shards / "train-00003.tar")) as sink:
+        for i in range(16):
+            sink.write({"__key__": f"good{i:03d}", "txt": "a red circle", "zh.txt": "红色圆形"})
+        sink.write({"__key__": "empty", "txt": "   "})
+        sink.write({"__key__": "latin1", "txt": "un cercle rouge \xe9t\xe9".encode("latin-1")})
     return {
         "llm": make_tiny_llm(root / "llm", kind="qwen2"),
         "sd15": make_tiny_sd_base(root / "sd15", kind="sd15", hidden=32),
         "sdxl": make_tiny_sd_base(root / "sdxl", kind="sdxl", hidden=32, hidden_2=48, projection_dim=40),
-        "train": shards / "train-{00000..00002}.tar",
+        "train": shards / "train-{00000..00003}.tar",
         "val": shards / "val-00000.tar",
     }
 
@@ -81,6 +89,9 @@ def test_stage1_trains_only_the_adapter_and_exports(assets, tmp_path):
     losses = [v for _, v in scalars(run_dir, "train/loss")]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    # The bad samples of train-00003 were skipped and counted in TensorBoard.
+    assert scalars(run_dir, "data/skipped_empty_caption")[-1][1] >= 1
+    assert scalars(run_dir, "data/skipped_bad_encoding")[-1][1] >= 1
     # Validation logged the loss and per-language recall.
     assert scalars(run_dir, "val/loss") and scalars(run_dir, "val/recall@1/zh") and scalars(run_dir, "val/recall@5/non_english")
 
