@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from linguadiff.config import ConfigError, load_config, resolve
 
@@ -24,6 +25,10 @@ def setup_logging() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # Frozen parts are in eval mode on purpose; the stage module asserts what trains instead.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # A resumed run writes into its own checkpoint folder on purpose.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def main(argv: list[str] | None = None) -> int:

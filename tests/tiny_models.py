@@ -240,3 +240,48 @@ def make_tiny_sd_base(
             config_2 = _clip_text_config(tokenizer_2, hidden_2, layers, heads, max_length, projection_dim)
             CLIPTextModelWithProjection(config_2).save_pretrained(path / "text_encoder_2")
     return path
+
+
+def make_tiny_sd_pipeline(path: str | Path, kind: SDKind = "sd15", seed: int = 0) -> Path:
+    """A complete tiny SD1.5- or SDXL-shaped diffusers folder (model_index.json, unet/, vae/,
+    scheduler/ and the text side), written by the diffusers pipeline's own save_pretrained so
+    that ``StableDiffusion(XL)Pipeline.from_pretrained`` loads it like the real one."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
+
+    path = make_tiny_sd_base(path, kind=kind, seed=seed)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+        )
+        unet_args = dict(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=2, norm_num_groups=8,
+        )
+        scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        if kind == "sd15":
+            unet = UNet2DConditionModel(cross_attention_dim=text_encoder.config.hidden_size, **unet_args)
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        else:
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2")
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2")
+            unet = UNet2DConditionModel(
+                cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+                addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + text_encoder_2.config.projection_dim,
+                **unet_args,
+            )
+            pipe = StableDiffusionXLPipeline(
+                vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+            )
+    pipe.save_pretrained(path)
+    return path
