@@ -96,7 +96,10 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+        # Fused AdamW (one kernel for all parameters) on GPUs, except under fp16 mixed precision,
+        # where its internal unscaling would come after gradient clipping.
+        fp16 = "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision)
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in params) and not fp16
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
         total, warmup = max(1, int(self.cfg.trainer.max_steps)), max(0, int(o.warmup_steps))
 
@@ -110,6 +113,19 @@ class StageModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip directly for fused optimizers: Lightning's mixed-precision plugin refuses them
+        because, with an fp16 grad scaler, they unscale internally. Under bf16 and fp32 there
+        is no scaler (and fp16 never gets a fused optimizer here), so gradients are true ones."""
+        if gradient_clip_val and optimizer.defaults.get("fused"):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ data health
 

@@ -96,6 +96,20 @@ def _changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[st
     return sorted(changed)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that always leaves ``last.ckpt`` at the final step of a launch.
+
+    Lightning skips its end-of-training save when a periodic save already wrote last.ckpt
+    in this launch, even many steps earlier: a run of 300 steps saving every 200 would
+    leave last.ckpt at step 200, and a relaunch would redo 100 steps (seen on a GPU run).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
 def precision_for(cfg: DictConfig) -> str:
     """`auto`: bf16 mixed precision on GPUs (the paper's), full fp32 on CPUs."""
     if cfg.trainer.precision != "auto":
@@ -114,7 +128,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback]) -> 
         # again: TensorBoard drops events from that step on, so no step appears twice.
         purge_step=run.resume_step + 1 if run.resume_step else None,
     )
-    checkpointing = ModelCheckpoint(
+    checkpointing = RunCheckpoint(
         dirpath=run.checkpoints,
         filename="step{step:08d}",
         auto_insert_metric_name=False,
@@ -123,6 +137,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback]) -> 
         monitor="step",  # "best" = latest: keep the newest keep_last checkpoints
         mode="max",
         save_top_k=cfg.checkpoint.keep_last,
+        enable_version_counter=False,  # last.ckpt is overwritten, never last-v1.ckpt
     )
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -130,23 +130,25 @@ def test_adapter_that_does_not_fit_the_base_is_refused(assets, tmp_path):
 
 def test_resume_continues_the_same_curve(assets, tmp_path):
     run_dir = tmp_path / "run"
-    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 6})) == 0
+    # 7 steps with a periodic checkpoint every 3: last.ckpt must still be at step 7.
+    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 7})) == 0
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert first["global_step"] == 6
+    assert first["global_step"] == 7
 
-    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 9})) == 0
+    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 10})) == 0
     second = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert second["global_step"] == 9
-    # The learning-rate schedule and optimizer went on from step 6, not from scratch.
-    assert second["lr_schedulers"][0]["last_epoch"] == 9
-    assert second["optimizer_states"][0]["state"][0]["step"].item() == 9
+    assert second["global_step"] == 10
+    # The learning-rate schedule and optimizer went on from step 7, not from scratch.
+    assert second["lr_schedulers"][0]["last_epoch"] == 10
+    assert second["optimizer_states"][0]["state"][0]["step"].item() == 10
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step00000003.ckpt", "step00000006.ckpt", "step00000009.ckpt"]
 
     steps = [s for s, _ in scalars(run_dir, "train/loss")]
-    assert len(steps) == len(set(steps)) == 9, f"a step was logged twice or missed: {sorted(steps)}"
+    assert len(steps) == len(set(steps)) == 10, f"a step was logged twice or missed: {sorted(steps)}"
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one folder, two launches
 
     # Nothing left to do at the same max_steps: it says so and returns.
-    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 9})) == 0
+    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 10})) == 0
 
 
 def test_sdxl_shaped_base_trains_context_and_pooled(assets, tmp_path):
