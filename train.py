@@ -1,6 +1,7 @@
 """Train one LinguaDiff stage: ``python train.py stage=1 [key=value ...]``.
 
     python train.py stage=1                                   # the offline CPU demo
+    python train.py stage=2 init_from=runs/stage1 run_dir=runs/stage2
     python train.py stage=1 model=sdxl llm=qwen2.5-7b trainer.max_steps=1000 \\
         data.train.urls='/data/text/{00000..00999}.tar' run_dir=/scratch/run1
 
@@ -22,7 +23,7 @@ def setup_logging() -> None:
     import lightning  # noqa: F401  - so its handlers exist before we remove them
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     # Frozen parts are in eval mode on purpose; the stage module asserts what trains instead.
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import lightning as L
 
-    from callbacks.export import AdapterExport
+    from callbacks.export import RunExport
     from callbacks.progress import ThroughputLogger
+    from callbacks.sample_images import SampleImages
     from datamodules import build_datamodule
     from lightning_modules import stage_class
     from linguadiff.run import RunDir, build_trainer
@@ -58,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     # A resumed run reads fresh samples instead of replaying the stream from its start.
     cfg.seed = int(cfg.seed) + run.resume_step
     datamodule = build_datamodule(cfg, module.tokenizers())
-    trainer = build_trainer(
-        cfg, run, [ThroughputLogger(cfg.trainer.log_every_n_steps * 5, unit="prompts"), AdapterExport(cfg, run.export)]
-    )
+    callbacks = [ThroughputLogger(cfg.trainer.log_every_n_steps * 5, unit="prompts" if cfg.stage == 1 else "images"),
+                 RunExport(cfg, run.export)]
+    if cfg.stage > 1:
+        callbacks.append(SampleImages(cfg, run.root / "samples"))
+    trainer = build_trainer(cfg, run, callbacks)
     if run.resume_step >= cfg.trainer.max_steps:
         logging.getLogger("train").warning(
             "%s already reached step %d >= trainer.max_steps=%d: nothing to train (raise trainer.max_steps to continue)",

@@ -35,8 +35,10 @@ def adapter_metadata(cfg: DictConfig, global_step: int) -> dict:
     }
 
 
-class AdapterExport(L.Callback):
-    """Writes ``run_dir/export/adapter.safetensors`` (weights + metadata) when training ends."""
+class RunExport(L.Callback):
+    """Writes ``run_dir/export/`` when training ends: the stage module's export (the adapter as
+    safetensors + metadata; from stage 2 on, the EMA UNet in diffusers format too) and a
+    model card saying how it was trained and how to load it."""
 
     def __init__(self, cfg: DictConfig, export_dir: str | Path) -> None:
         self.cfg = cfg
@@ -44,6 +46,57 @@ class AdapterExport(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self.export_dir / "adapter.safetensors"
-        pl_module.adapter.save(path, adapter_metadata(self.cfg, trainer.global_step))
-        log.info("Exported the adapter (step %d) to %s", trainer.global_step, path)
+        metadata = adapter_metadata(self.cfg, trainer.global_step)
+        pl_module.export(self.export_dir, metadata)
+        write_model_card(self.export_dir, self.cfg, metadata)
+        log.info("Exported stage %d (step %d) to %s", self.cfg.stage, trainer.global_step, self.export_dir)
+
+
+STAGE_NAMES = {1: "text-only alignment to the base's CLIP features", 2: "end-to-end image-text training",
+               3: "aesthetic fine-tuning"}
+
+
+def write_model_card(directory: Path, cfg: DictConfig, metadata: dict) -> None:
+    """export/README.md: what this is, how it was trained, how to load it."""
+    has_unet = (directory / "unet").is_dir()
+    trained = ", ".join(cfg.train.trainable)
+    lines = [
+        f"# LinguaDiff export: {cfg.model.name} + {cfg.llm.name} (stage {cfg.stage})",
+        "",
+        f"An adapter that lets the frozen LLM `{cfg.llm.path}` replace CLIP as the text encoder of",
+        f"`{cfg.model.path}` ({cfg.model.kind}), after OmniDiffusion (ECCV 2024).",
+        f"Stage {cfg.stage}, {STAGE_NAMES[int(cfg.stage)]}: trained {trained} for {metadata['global_step']} steps"
+        + (f", starting from `{cfg.init_from}`." if cfg.init_from else "."),
+        "",
+        "## Files",
+        "",
+        "- `adapter.safetensors`: the adapter; its metadata names the LLM, layers, base model and sizes.",
+    ]
+    if has_unet:
+        lines.append("- `unet/`: the trained UNet (EMA weights) in diffusers format.")
+    lines += [
+        "",
+        "## Training settings",
+        "",
+        f"- LLM layers {list(cfg.llm.layers)} ({cfg.llm.layer_mix}), max {cfg.llm.max_length} tokens, dtype {cfg.llm.dtype}",
+        f"- adapter: width {cfg.adapter.dim}, {cfg.adapter.num_queries} queries, "
+        f"{cfg.adapter.encoder_layers}+{cfg.adapter.decoder_layers} layers, {cfg.adapter.heads} heads",
+        f"- AdamW lr {cfg.optim.lr}, weight decay {cfg.optim.weight_decay}, batch {cfg.data.batch_size} per device, "
+        f"{cfg.trainer.devices} device(s) x {cfg.trainer.num_nodes} node(s), precision {cfg.trainer.precision}",
+        f"- data: `{cfg.data.train.urls or [s.urls for s in cfg.data.train.sources]}`",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"python generate.py run_dir={directory.parent} prompt=\"a red circle\" num_images=4 out_dir=out",
+        "```",
+        "",
+        "```python",
+        "from linguadiff.generation import AdapterTextEncoder",
+        f"encoder, meta = AdapterTextEncoder.from_export(\"{directory / 'adapter.safetensors'}\")",
+        "cond = encoder([\"a red circle\"])  # {'context': [1, N, D], 'pooled': ... or None}",
+        "# then pass cond['context'] as prompt_embeds to the diffusers pipeline of the base model",
+        "```",
+        "",
+    ]
+    (directory / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -19,7 +19,8 @@ def shard_spec(split: DictConfig | None) -> dict[str, Any] | None:
 
 
 def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
-    """The datamodule of ``cfg.stage``, with the stage module's tokenizers run in its workers."""
+    """The datamodule of ``cfg.stage`` (text shards for stage 1, image-text shards for stages
+    2-3), with the stage module's tokenizers run in its workers."""
     if cfg.stage == 1:
         from datamodules.text_shards import TextShardsDataModule
 
@@ -38,4 +39,26 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
             seed=cfg.seed,
             tokenizers=tokenizers,
         )
-    raise NotImplementedError(f"stage {cfg.stage} has no datamodule yet")
+    from datamodules.image_shards import ImageTextDataModule
+
+    d = cfg.data
+    train = shard_spec(d.train)
+    if train is None:
+        raise ValueError("config key 'data.train.urls' must be set (or data.train.sources)")
+    return ImageTextDataModule(
+        train=train,
+        val=shard_spec(d.val),
+        resolution=cfg.model.resolution,
+        batch_size=d.batch_size,
+        val_batch_size=d.val_batch_size,
+        num_workers=d.num_workers,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.seed,
+        languages=dict(d.languages),
+        caption_dropout=d.caption_dropout,
+        random_crop=d.random_crop,
+        random_flip=d.random_flip,
+        min_size=d.min_size,
+        min_aesthetic=d.min_aesthetic,
+        tokenizers=tokenizers,
+    )

@@ -564,3 +564,14 @@ def ensure_demo_data(kind: str, root: str | Path | None = None, image_size: int 
                           prefix="val", with_images=True)
     marker.write_text("ok\n")
     return folder
+
+
+def demo_shard_urls(stage: int, split: str) -> str:
+    """Brace-expanded URLs of the demo shards a stage reads (generating them on first use)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if stage == 1:
+        folder = ensure_demo_data("text")
+        return str(folder / ("train-{00000..00011}.tar" if split == "train" else "val-00000.tar"))
+    folder = ensure_demo_data("images")
+    return str(folder / ("train-{00000..00007}.tar" if split == "train" else "val-{00000..00001}.tar"))

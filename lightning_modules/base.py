@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -93,14 +94,19 @@ class StageModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (one by default; a stage may give parts their own lr)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "trainable"}]
+
     def configure_optimizers(self):
         o = self.cfg.optim
-        params = [p for p in self.parameters() if p.requires_grad]
+        groups = self.param_groups()
+        params = [p for group in groups for p in group["params"]]
         # Fused AdamW (one kernel for all parameters) on GPUs, except under fp16 mixed precision,
         # where its internal unscaling would come after gradient clipping.
         fp16 = "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision)
         fused = torch.cuda.is_available() and all(p.is_cuda for p in params) and not fp16
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
         total, warmup = max(1, int(self.cfg.trainer.max_steps)), max(0, int(o.warmup_steps))
 
         def lr_factor(step: int) -> float:
@@ -111,7 +117,7 @@ class StageModule(L.LightningModule):
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)  # the same shape for every group
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -126,6 +132,12 @@ class StageModule(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, directory: Path, metadata: dict[str, Any]) -> None:
+        """Write what the next stage and generate.py start from (stage 1: the adapter)."""
+        self.adapter.save(directory / "adapter.safetensors", metadata)
 
     # ------------------------------------------------------------------ data health
 

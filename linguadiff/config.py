@@ -35,18 +35,20 @@ def _project_root() -> str:
     return str(PROJECT_ROOT)
 
 
-def _demo_data(kind: str) -> str:
-    from datamodules.demo_data import ensure_demo_data
+def _demo_shards(stage: int, split: str) -> str:
+    """Shard URLs of the demo data set for a stage: parallel text for stage 1, image-text
+    shards for stages 2-3 (generated on first use)."""
+    from datamodules.demo_data import demo_shard_urls
 
-    return str(ensure_demo_data(kind))
+    return demo_shard_urls(int(stage), split)
 
 
 def _register_resolvers() -> None:
     # omegaconf 2.4 renamed register_new_resolver; keep 2.3 working too.
     register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-    for name, fn in (("project_root", _project_root), ("demo_data", _demo_data)):
+    for name, fn in (("project_root", _project_root), ("demo_shards", _demo_shards)):
         # ${project_root:} -> where configs/ and assets/ live, so presets work from any cwd;
-        # ${demo_data:text} -> a folder of the demo data set, generated on first use.
+        # ${demo_shards:${stage},train} -> the demo's shards for that stage, made on first use.
         if not OmegaConf.has_resolver(name):
             register(name, fn)
 
@@ -194,11 +196,22 @@ def load_config(argv: Sequence[str] = (), defaults: dict[str, str] | None = None
     choices.update(presets)
 
     layers: list[tuple[DictConfig, str]] = []
+    per_stage: list[tuple[DictConfig, str]] = []
     for group in PRESET_GROUPS:
         if choices.get(group):
             path = _preset_path(group, choices[group])
-            layers.append((_load_yaml(path, f"{group} preset"), f"{group} preset {path.name}"))
+            preset = _load_yaml(path, f"{group} preset")
+            # A preset may tune each stage (`stages: {2: {optim: {lr: ...}}}`); those settings
+            # win over the stage file's generic defaults, the command line over both.
+            stages = preset.pop("stages", None) or {}
+            unknown = [k for k in stages if k not in STAGES]
+            if unknown:
+                raise ConfigError(f"{group} preset {path.name}: 'stages' keys must be among {STAGES}, got {unknown}")
+            layers.append((preset, f"{group} preset {path.name}"))
+            if stage in stages:
+                per_stage.append((stages[stage], f"{group} preset {path.name} (stages.{stage})"))
     layers.append((stage_cfg, f"configs/stage{stage}.yaml"))
+    layers.extend(per_stage)
     layers.append((override_cfg, "the command line"))
 
     cfg = schema

@@ -52,8 +52,9 @@ class AdapterTextEncoder(torch.nn.Module):
 
     def __init__(self, text_encoder: LLMTextEncoder, adapter: QueryAdapter) -> None:
         super().__init__()
+        # Used as is: the sample callback hands in the adapter being trained.
         self.text_encoder = text_encoder
-        self.adapter = adapter.eval().requires_grad_(False)
+        self.adapter = adapter
 
     @classmethod
     def from_export(cls, adapter_path: str | Path, llm_path: str | None = None, dtype: str | None = None):
@@ -70,7 +71,7 @@ class AdapterTextEncoder(torch.nn.Module):
             trust_remote_code=llm["trust_remote_code"],
             revision=llm.get("revision"),
         )
-        return cls(text_encoder, adapter), meta
+        return cls(text_encoder, adapter.eval().requires_grad_(False)), meta
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> dict[str, torch.Tensor | None]:
@@ -179,19 +180,18 @@ class _NoGrad:
 
 
 def _load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dtype, revision: str | None):
+    """The base's diffusion pipeline without its CLIP (the LLM + adapter replace it)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype) if unet_dir else None
     if kind == "demo":
-        from linguadiff.pixel_pipeline import PixelDiffusionPipeline
-
         unet = unet or UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, revision=revision)
-        return PixelDiffusionPipeline(unet=unet, scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision))
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        return pipeline_from_components(kind, unet, None, scheduler)
     if kind == "sd15":
         from diffusers import StableDiffusionPipeline
 
         extra = {"unet": unet} if unet is not None else {}
-        # The LLM + adapter replaces CLIP: don't load CLIP at all.
         return StableDiffusionPipeline.from_pretrained(
             path, text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, torch_dtype=dtype, revision=revision, **extra,
@@ -204,4 +204,23 @@ def _load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dty
             path, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
             torch_dtype=dtype, revision=revision, **extra,
         )
+    raise ValueError(f"unknown base model kind {kind!r} (demo, sd15 or sdxl)")
+
+
+def pipeline_from_components(kind: str, unet, vae, scheduler):
+    """The same pipelines from models already in memory (the sample callback's, mid-training)."""
+    if kind == "demo":
+        from linguadiff.pixel_pipeline import PixelDiffusionPipeline
+
+        return PixelDiffusionPipeline(unet=unet, scheduler=scheduler)
+    if kind == "sd15":
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if kind == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=scheduler)
     raise ValueError(f"unknown base model kind {kind!r} (demo, sd15 or sdxl)")

@@ -1,0 +1,591 @@
+"""Stages 2-3 image-text shards: square image crops, one caption each, batched in the workers.
+
+Shards use the img2dataset layout: `KEY.jpg|jpeg|png|webp`, `KEY.txt` (caption) and an
+optional `KEY.json` (`caption`; several captions as `captions`, a list or a dict per language
+code whose values are a string or a list; `original_width`/`original_height` or
+`width`/`height`; `aesthetic_score`, `AESTHETIC_SCORE` or `aesthetic`). As in stage 1,
+`KEY.txt`, the json `caption` and a json `captions` list are English.
+
+Per sample, in order of cost, so that rejected samples are never decoded:
+1. json: the `min_size` / `min_aesthetic` filters (json sizes first, else the image header);
+2. captions: one drawn per visit (language by the `languages` weights, then uniformly), or
+   in validation the first English one; training replaces it with "" at `caption_dropout`
+   (the unconditional branch classifier-free guidance needs; the paper's code had none);
+3. image: PIL only (torchvision does not import beside our CPU torch), any mode to RGB with
+   transparency on white, shorter side to `resolution` (Lanczos), square crop (random in
+   training, centred in validation), CHW float in [-1, 1]. SDXL's micro-conditioning needs
+   `original_size` (h, w) of the decoded image and `crop_top_left` (top, left) in the
+   resized image, as SDXL's own training computes them.
+
+Bad samples are skipped, counted per reason in the `SkipCounter` and warned about
+(rate-limited, naming the shard and key), never fatal; each dropped sample is counted once,
+under the first reason found:
+`missing_image`, `empty_image`, `bad_image` (corrupt, truncated, unsupported),
+`decompression_bomb`, `missing_caption`, `empty_caption`, `bad_encoding`, `bad_json`,
+`no_aesthetic` (a threshold is set but the json has no score), plus the shard-level reasons
+of `datamodules.shards`. Filters are configuration, not bad data, so `too_small`,
+`low_aesthetic` and `lang_excluded` are counted without a warning.
+
+Batch (a dict built inside the DataLoader worker): `image` float [B, 3, R, R], `caption`,
+`lang` ("" for a dropped caption), `key` (lists of str), `original_size`, `crop_top_left`,
+`target_size` (Long [B, 2], (h, w) / (top, left) / (R, R)), `aesthetic_score` (float [B],
+nan when absent), `skipped` (reason -> count since this worker's previous batch) and, with
+tokenizers, `student_tokens`. Examples are plain dicts collated by value type
+(`collate_examples`), so a decoder for a new member type (cached latents, LLM states) only
+has to add a field.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.shards import (
+    Consumer,
+    ShardSource,
+    SkipCounter,
+    batched,
+    distributed_rank_and_world,
+    iter_consumer_samples,
+    mix_streams,
+    parse_sources,
+    shuffled,
+)
+from datamodules.text_shards import Tokenizer
+from linguadiff.config import to_plain
+
+logger = logging.getLogger(__name__)
+
+# The order decides which image a sample with several is read from.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MEMBER_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))
+AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
+# json size fields, most trustworthy first: img2dataset's width/height are after its resize.
+SIZE_FIELDS = (("original_width", "original_height"), ("width", "height"))
+# Captions without a language (KEY.txt, json caption, json captions list), as in stage 1.
+DEFAULT_LANGUAGE = "en"
+# Tokenizer role -> the batch field it tokenizes; tokens land in `{role}_tokens`.
+TOKENIZED_FIELDS = {"student": "caption"}
+# Where PIL itself refuses an image by default (twice its Image.MAX_IMAGE_PIXELS).
+DEFAULT_MAX_PIXELS = 178_956_970
+# A training stream whose filters reject everything would otherwise spin in silence.
+STALL_WARNING_EVERY = 10_000
+
+
+def is_image_text_member(extension: str) -> bool:
+    """The tar members read for stages 2-3; anything else in the shard stays unread."""
+    return extension in MEMBER_EXTENSIONS
+
+
+class BadSample(Exception):
+    """Raised while building an example: the sample is skipped and counted under `reason`."""
+
+    def __init__(self, reason: str, detail: str = "", warn: bool = True):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.warn = warn
+
+
+# ----------------------------------------------------------------------------- member decoders
+
+
+def read_json(payload: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(payload.decode("utf-8"))
+    except ValueError as error:  # includes UnicodeDecodeError and JSONDecodeError
+        raise BadSample("bad_json", str(error)[:200]) from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
+def read_text(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadSample("bad_encoding", str(error)) from None
+
+
+def caption_candidates(raw: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Distinct non-empty captions per language, in file order: KEY.txt, json caption, captions.
+
+    KEY.txt usually repeats the json caption; keeping one copy keeps the uniform draw fair.
+    """
+    found: list[tuple[str, Any]] = []
+    if "txt" in raw:
+        found.append((DEFAULT_LANGUAGE, read_text(raw["txt"])))
+    if "caption" in meta:
+        found.append((DEFAULT_LANGUAGE, meta["caption"]))
+    listed = meta.get("captions")
+    if isinstance(listed, list):
+        found.extend((DEFAULT_LANGUAGE, text) for text in listed)
+    elif isinstance(listed, Mapping):
+        for code, texts in listed.items():
+            found.extend((str(code), text) for text in (texts if isinstance(texts, list) else [texts]))
+    if not found:
+        raise BadSample("missing_caption", "no KEY.txt and no caption in the json")
+    captions: dict[str, list[str]] = {}
+    for code, text in found:
+        text = text.strip() if isinstance(text, str) else ""
+        if text and text not in captions.get(code, ()):
+            captions.setdefault(code, []).append(text)
+    if not captions:
+        raise BadSample("empty_caption", "every caption is empty")
+    return captions
+
+
+def _number(value: Any) -> float | None:
+    """A finite json number (booleans and strings are not numbers here), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def aesthetic_score(meta: Mapping[str, Any]) -> float:
+    """The json's aesthetic score, nan when it has none."""
+    for name in AESTHETIC_FIELDS:
+        score = _number(meta.get(name))
+        if score is not None:
+            return score
+    return math.nan
+
+
+def recorded_size(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(height, width) of the source image as the json records it, or None."""
+    for width_field, height_field in SIZE_FIELDS:
+        width, height = _number(meta.get(width_field)), _number(meta.get(height_field))
+        if width and height and width > 0 and height > 0:
+            return int(height), int(width)
+    return None
+
+
+@contextmanager
+def _pil_errors() -> Iterator[None]:
+    """Turns what PIL raises on bad bytes into BadSample.
+
+    PIL's format plugins raise many exception types on malformed input (OSError, ValueError,
+    SyntaxError, struct.error, ...), so anything raised inside this block means bad bytes;
+    keep only PIL calls in it. The `max_pixels` check in `open_image` replaces PIL's bomb
+    warning (its threshold is half its error's), so that warning is silenced here.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except Image.DecompressionBombError as error:
+        raise BadSample("decompression_bomb", str(error)) from None
+    except Exception as error:
+        raise BadSample("bad_image", f"{type(error).__name__}: {error}") from None
+
+
+def open_image(payload: bytes, max_pixels: int) -> Image.Image:
+    """Reads the image header only (PIL decodes lazily) and refuses empty images and bombs."""
+    if not payload:
+        raise BadSample("empty_image", "zero-byte image")
+    with _pil_errors():
+        image = Image.open(io.BytesIO(payload))
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise BadSample("empty_image", f"size {width}x{height}")
+    if width * height > max_pixels:
+        raise BadSample("decompression_bomb", f"{width}x{height} is over max_pixels={max_pixels}")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparent pixels become white, as viewers show them."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # convert() clips 16-bit values at 255 instead of scaling them: a near-white image.
+        levels = np.asarray(image).astype(np.float32) / 257.0
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+    # Alpha modes, or a palette/L/RGB image with a transparent colour (PNG tRNS, GIF).
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class SquareCrop:
+    """A decoded square crop and where it came from (SDXL's micro-conditioning)."""
+
+    pixels: torch.Tensor  # [3, R, R] float in [-1, 1]
+    original_size: tuple[int, int]  # (h, w) of the decoded image
+    crop_top_left: tuple[int, int]  # (top, left) in the image resized to shorter side R
+
+
+def square_crop(
+    image: Image.Image, resolution: int, rng: random.Random | None, flip: bool = False
+) -> SquareCrop:
+    """Shorter side to `resolution`, then a square crop: random offset with `rng`, else centred.
+
+    Only the cropped region is resampled (PIL's `box`): a long panorama costs what a square
+    does and never materialises at its full resized width. Lanczos antialiases when
+    shrinking. A flip mirrors the crop, and its offset is given in the mirrored image.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    resized_w = max(resolution, round(width * scale))
+    resized_h = max(resolution, round(height * scale))
+    if rng is None:
+        top, left = (resized_h - resolution) // 2, (resized_w - resolution) // 2
+    else:
+        top, left = rng.randint(0, resized_h - resolution), rng.randint(0, resized_w - resolution)
+    with _pil_errors():
+        # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale while that keeps enough pixels.
+        image.draft(None, (resized_w, resized_h))
+        rgb = to_rgb(image)
+        # Resized-image coordinates -> coordinates in the decoded (maybe drafted) pixels.
+        sx, sy = rgb.width / resized_w, rgb.height / resized_h
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        crop = rgb.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+        if flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if flip:
+        left = resized_w - resolution - left
+    pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous().float() / 127.5 - 1.0
+    return SquareCrop(pixels, (height, width), (top, left))
+
+
+def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Examples -> batch, field by field according to the value type.
+
+    Tensors are stacked, int tuples become Long [B, n], floats float32 [B], strings a list.
+    """
+    batch: dict[str, Any] = {}
+    for name, first in examples[0].items():
+        values = [example[name] for example in examples]
+        if isinstance(first, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(first, tuple):
+            batch[name] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(first, float):
+            batch[name] = torch.tensor(values, dtype=torch.float32)
+        elif isinstance(first, str):
+            batch[name] = values
+        else:
+            raise TypeError(f"example field {name!r}: no collate rule for {type(first).__name__}")
+    return batch
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class ImageTextDecoder:
+    """Raw tar sample -> example dict (see the module docstring); raises BadSample.
+
+    `train` switches on the random parts: caption draw and dropout, crop offset, flip.
+    """
+
+    resolution: int
+    train: bool
+    caption_dropout: float = 0.1
+    random_crop: bool = True
+    random_flip: bool = False
+    min_size: int = 0
+    min_aesthetic: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    language_weights: Mapping[str, float] = field(default_factory=dict)
+
+    def __call__(self, raw: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
+        meta = read_json(raw["json"]) if "json" in raw else {}
+        score = aesthetic_score(meta)
+        self._check_aesthetic(score)
+        size = recorded_size(meta)
+        if size is not None:
+            self._check_size(size)
+        caption, lang = self._choose_caption(caption_candidates(raw, meta), rng)
+        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if extension is None:
+            raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
+        image = open_image(raw[extension], self.max_pixels)
+        if size is None:
+            self._check_size((image.height, image.width))
+        flip = self.train and self.random_flip and rng.random() < 0.5
+        crop = square_crop(image, self.resolution, rng if self.train and self.random_crop else None, flip)
+        return {
+            "image": crop.pixels,
+            "caption": caption,
+            "lang": lang,
+            "key": raw["__key__"],
+            "original_size": crop.original_size,
+            "crop_top_left": crop.crop_top_left,
+            "target_size": (self.resolution, self.resolution),
+            "aesthetic_score": score,
+        }
+
+    def _check_aesthetic(self, score: float) -> None:
+        if self.min_aesthetic is None:
+            return
+        if math.isnan(score):
+            raise BadSample("no_aesthetic", f"min_aesthetic={self.min_aesthetic} but the json has no score")
+        if score < self.min_aesthetic:
+            raise BadSample("low_aesthetic", f"{score} < {self.min_aesthetic}", warn=False)
+
+    def _check_size(self, size: tuple[int, int]) -> None:
+        if min(size) < self.min_size:
+            raise BadSample("too_small", f"{size[1]}x{size[0]} < min_size={self.min_size}", warn=False)
+
+    def _choose_caption(self, captions: dict[str, list[str]], rng: random.Random) -> tuple[str, str]:
+        """(caption, language): validation is deterministic and ignores the weights."""
+        if not self.train:
+            lang = DEFAULT_LANGUAGE if DEFAULT_LANGUAGE in captions else min(captions)
+            return captions[lang][0], lang
+        languages = [code for code in captions if self.language_weights.get(code, 1.0) > 0]
+        if not languages:
+            raise BadSample("lang_excluded", f"languages {sorted(captions)} all weigh 0", warn=False)
+        weights = [self.language_weights.get(code, 1.0) for code in languages]
+        lang = rng.choices(languages, weights=weights)[0]
+        caption = rng.choice(captions[lang])
+        if rng.random() < self.caption_dropout:
+            return "", ""
+        return caption, lang
+
+
+class ImageTextStream(IterableDataset):
+    """Batches of examples from shard sources; one instance per DataLoader.
+
+    Everything runs in the DataLoader workers: reading, shuffling, decoding, batching and
+    tokenizing. The shuffle buffer holds raw (still encoded) samples: a buffer of decoded
+    1024 px float images would cost 12 MB per entry.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[ShardSource],
+        decoder: ImageTextDecoder,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        tokenizers: Mapping[str, Tokenizer] | None,
+        rank: int,
+        world_size: int,
+    ):
+        super().__init__()
+        self.sources = list(sources)
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.tokenizers = dict(tokenizers or {})
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        consumer = Consumer.current(self.rank, self.world_size)
+        skips = SkipCounter()
+        # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
+        rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
+        examples = self._examples(self._raw_samples(consumer, skips, rng), skips, rng)
+        # Each batch is held back until the next one is ready, so skips met after the last
+        # examples of a finite stream still ride on its last batch (as in stage 1).
+        pending: list[dict[str, Any]] | None = None
+        for group in batched(examples, self.batch_size, keep_partial=not self.decoder.train):
+            if pending is not None:
+                yield self._collate(pending, skips.take())
+            pending = group
+        if pending is not None:
+            yield self._collate(pending, skips.take())
+
+    def _raw_samples(
+        self, consumer: Consumer, skips: SkipCounter, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        train = self.decoder.train
+        streams = [
+            iter_consumer_samples(
+                source.urls,
+                consumer,
+                skips,
+                infinite=train,
+                seed=f"{self.seed}:{index}",
+                wanted=is_image_text_member,
+            )
+            for index, source in enumerate(self.sources)
+        ]
+        if not train:  # every source once, in order: the same pool every validation
+            return itertools.chain.from_iterable(streams)
+        mixed = mix_streams(streams, [source.weight for source in self.sources], rng)
+        return shuffled(mixed, self.shuffle_buffer, rng)
+
+    def _examples(
+        self, raw_samples: Iterator[dict[str, Any]], skips: SkipCounter, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        rejected_in_a_row = 0
+        for raw in raw_samples:
+            try:
+                example = self.decoder(raw, rng)
+            except BadSample as bad:
+                skips.skip(bad.reason, raw["__url__"], raw["__key__"], bad.detail, warn=bad.warn)
+                rejected_in_a_row += 1
+                if rejected_in_a_row % STALL_WARNING_EVERY == 0:
+                    logger.warning(
+                        "no usable sample in the last %d read (filters too strict?); skipped so far: %s",
+                        rejected_in_a_row, dict(skips.totals),
+                    )
+                continue
+            rejected_in_a_row = 0
+            yield example
+
+    def _collate(self, examples: list[dict[str, Any]], skipped: dict[str, int]) -> dict[str, Any]:
+        batch = collate_examples(examples)
+        batch["skipped"] = skipped
+        for role, tokenize in self.tokenizers.items():
+            batch[f"{role}_tokens"] = tokenize(batch[TOKENIZED_FIELDS[role]])
+        return batch
+
+
+# ----------------------------------------------------------------------------- datamodule
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Stages 2-3 data: (image, caption) examples from img2dataset shards (module docstring).
+
+    `train` / `val`: `{"urls": URLS}` or `{"sources": [{"urls": URLS, "weight": W}, ...]}`
+    as in stage 1. `languages`: training weight per caption language; missing codes weigh
+    1.0, 0 excludes. `min_size` (shorter side of the original, px) and `min_aesthetic` apply
+    to both splits: they choose the data set. `random_flip` is off by default because
+    captions say left and right.
+    """
+
+    def __init__(
+        self,
+        train: Mapping[str, Any] | DictConfig,
+        val: Mapping[str, Any] | DictConfig | None,
+        resolution: int,
+        batch_size: int,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        languages: Mapping[str, float] | DictConfig | None = None,
+        caption_dropout: float = 0.1,
+        random_crop: bool = True,
+        random_flip: bool = False,
+        min_size: int = 0,
+        min_aesthetic: float | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        tokenizers: Mapping[str, Tokenizer] | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
+        if resolution < 1 or max_pixels < 1 or min_size < 0:
+            raise ValueError(f"need resolution >= 1, max_pixels >= 1, min_size >= 0; got "
+                             f"{resolution}, {max_pixels}, {min_size}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        language_weights = {str(code): float(weight) for code, weight in (to_plain(languages) or {}).items()}
+        negative = {code: weight for code, weight in language_weights.items() if weight < 0}
+        if negative:
+            raise ValueError(f"language weights must be >= 0, got {negative}")
+        self.train_spec = to_plain(train)
+        self.val_spec = to_plain(val)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.train_decoder = ImageTextDecoder(
+            resolution=resolution,
+            train=True,
+            caption_dropout=caption_dropout,
+            random_crop=random_crop,
+            random_flip=random_flip,
+            min_size=min_size,
+            min_aesthetic=min_aesthetic,
+            max_pixels=max_pixels,
+            language_weights=language_weights,
+        )
+        # Validation: centred crops, the first English caption, nothing dropped or flipped.
+        self.val_decoder = ImageTextDecoder(
+            resolution=resolution,
+            train=False,
+            caption_dropout=0.0,
+            random_crop=False,
+            min_size=min_size,
+            min_aesthetic=min_aesthetic,
+            max_pixels=max_pixels,
+        )
+        self.tokenizers: dict[str, Tokenizer] = {}
+        self.set_tokenizers(tokenizers)
+        self.train_sources: list[ShardSource] | None = None
+        self.val_sources: list[ShardSource] | None = None
+
+    def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
+        """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
+        tokenizers = dict(tokenizers or {})
+        unknown = sorted(set(tokenizers) - set(TOKENIZED_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown tokenizer role(s) {unknown}; known: {list(TOKENIZED_FIELDS)}")
+        self.tokenizers = tokenizers
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_sources is None:
+            self.train_sources = parse_sources(self.train_spec)
+            self._log_sources("train", self.train_sources)
+        if stage in (None, "fit", "validate") and self.val_sources is None and self.val_spec is not None:
+            self.val_sources = parse_sources(self.val_spec)
+            self._log_sources("val", self.val_sources)
+
+    def _log_sources(self, split: str, sources: list[ShardSource]) -> None:
+        for source in sources:
+            rank_zero_info(
+                f"{split} image-text shards: {len(source.urls)} from {source.pattern} (weight {source.weight})"
+            )
+        decoder = self.train_decoder if split == "train" else self.val_decoder
+        batch_size = self.batch_size if split == "train" else self.val_batch_size
+        rank_zero_info(f"{split}: batch size {batch_size}, workers {self.num_workers}, {decoder}")
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_sources is None:
+            self.setup("fit")
+        return self._loader(self.train_sources, self.train_decoder, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The finite validation stream: each sample once across ranks and workers."""
+        if self.val_spec is None:
+            return []  # Lightning skips validation for an empty list
+        if self.val_sources is None:
+            self.setup("validate")
+        return self._loader(self.val_sources, self.val_decoder, self.val_batch_size)
+
+    def _loader(self, sources: list[ShardSource], decoder: ImageTextDecoder, batch_size: int) -> DataLoader:
+        rank, world_size = distributed_rank_and_world()
+        stream = ImageTextStream(
+            sources,
+            decoder,
+            batch_size=batch_size,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            tokenizers=self.tokenizers,
+            rank=rank,
+            world_size=world_size,
+        )
+        # batch_size=None: the workers already return whole batches.
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

@@ -1,0 +1,207 @@
+"""Stage 2: end-to-end image-text training of adapter + UNet with the diffusion loss.
+
+Paper, stage 2: starting from the stage-1 adapter, the adapter and the base's UNet train
+together on image-text pairs with the usual diffusion loss; the LLM and the VAE stay frozen
+and an EMA of the trained weights is kept. Captions are dropped at `data.caption_dropout`
+(the paper's code trained none), so classifier-free guidance has a trained unconditional
+branch; a dropped caption is the empty prompt, which is what inference feeds as the
+negative prompt by default. Stage 3 (`stage3_aesthetic.py`) reuses this module.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lightning_modules.adapter import QueryAdapter
+from lightning_modules.base import StageModule
+from lightning_modules.diffusion import (
+    DiffusionLossConfig,
+    diffusion_loss,
+    load_noise_scheduler,
+    load_unet,
+    load_vae,
+    sdxl_time_ids,
+)
+from lightning_modules.ema import EMA
+from lightning_modules.text_encoder import LLMTextEncoder, length_groups
+
+log = logging.getLogger(__name__)
+
+
+class Stage2EndToEnd(StageModule):
+    #: which stage's export `init_from` must hold
+    init_stage = 1
+
+    def __init__(self, cfg: DictConfig, text_encoder: LLMTextEncoder, adapter: QueryAdapter, unet, vae, noise_scheduler) -> None:
+        super().__init__(cfg)
+        self.text_encoder = text_encoder
+        self.adapter = adapter
+        self.unet = unet
+        self.vae = vae
+        self.noise_scheduler = noise_scheduler
+        self.apply_trainable()
+        if cfg.diffusion.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        d = cfg.diffusion
+        self.loss_options = DiffusionLossConfig(d.min_snr_gamma, d.input_perturbation, d.noise_offset)
+        self.ema = EMA(self, cfg.ema.decay, cfg.ema.update_every)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "Stage2EndToEnd":
+        export = init_export(cfg, cls.init_stage)
+        adapter, meta = QueryAdapter.from_file(export / "adapter.safetensors")
+        check_handoff(cfg, meta, export)
+        text_encoder = LLMTextEncoder(
+            cfg.llm.path, dtype=cfg.llm.dtype, max_length=cfg.llm.max_length, layers=tuple(cfg.llm.layers),
+            layer_mix=cfg.llm.layer_mix, add_bos=cfg.llm.add_bos, trust_remote_code=cfg.llm.trust_remote_code,
+            revision=cfg.llm.revision,
+        )
+        m = cfg.model
+        # Stage 3 continues the stage-2 UNet (its export); stage 2 starts from the base's.
+        unet = load_unet(str(export / "unet"), subfolder=None) if (export / "unet").is_dir() else load_unet(m.path, revision=m.revision)
+        vae = load_vae(m.path, m.kind, m.dtype, m.revision)
+        scheduler = load_noise_scheduler(m.path, cfg.diffusion.prediction_type, m.revision)
+        log.info("Stage %d starts from %s (stage-%d export, step %s)", cfg.stage, export, meta["stage"], meta.get("global_step"))
+        return cls(cfg, text_encoder, adapter, unet, vae, scheduler)
+
+    def tokenizers(self) -> dict[str, Any]:
+        return {"student": self.text_encoder.tokenizer}
+
+    # ------------------------------------------------------------------ forward parts
+
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """LLM + adapter, grouped by prompt length (as in stage 1)."""
+        ids, attention = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        groups = length_groups(attention.sum(1))
+        if len(groups) == 1:
+            return self.adapter(*self.text_encoder(ids, attention))
+        parts = []
+        for index in groups:
+            width = int(attention[index].sum(1).max())
+            parts.append(self.adapter(*self.text_encoder(ids[index, :width], attention[index, :width])))
+        inverse = torch.argsort(torch.cat(groups))
+        return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
+
+    @torch.no_grad()
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> what the UNet denoises (VAE latents; pixels for the demo)."""
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return (latents * self.vae.config.scaling_factor).float()
+
+    def _conditioning(self, batch: dict) -> tuple[torch.Tensor, dict | None]:
+        tokens = batch.get("student_tokens") or self.text_encoder.tokenizer(batch["caption"])
+        cond = self.encode_prompts(tokens)
+        added = None
+        if self.cfg.model.kind == "sdxl":
+            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(self.device)
+            added = {"text_embeds": cond["pooled"], "time_ids": time_ids}
+        return cond["context"], added
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.count_skipped(batch)
+        size = self.batch_size_of(batch)
+        x0 = self.to_model_space(batch["image"].to(self.device))
+        context, added = self._conditioning(batch)
+        loss = diffusion_loss(self.unet, self.noise_scheduler, x0, context, self.loss_options, added).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for i, group in enumerate(self.optimizers().param_groups):
+            self.log(f"train/lr_{group.get('name', i)}", group["lr"], batch_size=size)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: checkpoint callbacks run before the module's
+        # batch-end hook, and a checkpoint must hold the average including this step.
+        self.ema.step(self)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss at fixed timesteps with fixed noise: comparable across validations and runs."""
+        size = self.batch_size_of(batch)
+        x0 = self.to_model_space(batch["image"].to(self.device))
+        context, added = self._conditioning(batch)
+        no_perturbation = DiffusionLossConfig(self.loss_options.min_snr_gamma, 0.0, 0.0)
+        total = 0.0
+        for t in self.cfg.diffusion.val_timesteps:
+            generator = torch.Generator(device=self.device).manual_seed(1000 * batch_idx + int(t))
+            timesteps = torch.full((x0.shape[0],), int(t), device=self.device, dtype=torch.long)
+            loss = diffusion_loss(self.unet, self.noise_scheduler, x0, context, no_perturbation, added, timesteps, generator).mean()
+            self.log(f"val/loss_t{int(t)}", loss, batch_size=size, sync_dist=True)
+            total += loss
+        self.log("val/loss", total / len(self.cfg.diffusion.val_timesteps), batch_size=size, sync_dist=True, prog_bar=True)
+
+    # ------------------------------------------------------------------ optimisation and state
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The adapter may get its own learning rate (`optim.adapter_lr`): it is small and was
+        trained in stage 1, the UNet is large and pretrained."""
+        if self.cfg.optim.adapter_lr is None or not any(p.requires_grad for p in self.adapter.parameters()):
+            return super().param_groups()
+        adapter = [p for p in self.adapter.parameters() if p.requires_grad]
+        adapter_ids = {id(p) for p in adapter}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in adapter_ids]
+        return [{"params": rest, "name": "unet"}, {"params": adapter, "name": "adapter", "lr": self.cfg.optim.adapter_lr}]
+
+    def export(self, directory: Path, metadata: dict[str, Any]) -> None:
+        """The EMA weights: the adapter (safetensors + metadata) and the UNet in diffusers format."""
+        with self.ema.applied(self):
+            self.adapter.save(directory / "adapter.safetensors", metadata)
+            self.unet.save_pretrained(directory / "unet")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+
+# ---------------------------------------------------------------------- stage hand-offs
+
+
+def init_export(cfg: DictConfig, expected_stage: int) -> Path:
+    """The export folder of the run `init_from` names, with a clear error when it is unusable."""
+    if not cfg.init_from:
+        raise ValueError(
+            f"stage {cfg.stage} starts from a stage-{expected_stage} run: set init_from=RUN_DIR "
+            f"(e.g. python train.py stage={cfg.stage} init_from=runs/stage{expected_stage} run_dir=runs/stage{cfg.stage})"
+        )
+    root = Path(cfg.init_from).expanduser()
+    export = root / "export" if (root / "export").is_dir() else root
+    if not (export / "adapter.safetensors").is_file():
+        raise ValueError(
+            f"init_from={cfg.init_from} has no export/adapter.safetensors: "
+            f"has its stage-{expected_stage} run finished? (export happens at the end of training)"
+        )
+    from lightning_modules.adapter import read_adapter_metadata
+
+    meta = read_adapter_metadata(export / "adapter.safetensors")
+    if meta.get("stage") != expected_stage:
+        raise ValueError(f"init_from={cfg.init_from} is a stage-{meta.get('stage')} export; stage {cfg.stage} starts from stage {expected_stage}")
+    return export
+
+
+def check_handoff(cfg: DictConfig, meta: dict, export: Path) -> None:
+    """The previous stage must have used the same LLM (and layers) and the same base model."""
+    problems = []
+    llm = meta["llm"]
+    if llm["path"] != cfg.llm.path:
+        problems.append(f"its LLM is {llm['path']}, this run's llm.path is {cfg.llm.path}")
+    if list(llm["layers"]) != list(cfg.llm.layers) or llm["layer_mix"] != cfg.llm.layer_mix:
+        problems.append(f"it reads LLM layers {llm['layers']} ({llm['layer_mix']}), this run {list(cfg.llm.layers)} ({cfg.llm.layer_mix})")
+    base = meta["base_model"]
+    if base["path"] != cfg.model.path or base["kind"] != cfg.model.kind:
+        problems.append(f"it was made for base {base['path']} ({base['kind']}), this run's is {cfg.model.path} ({cfg.model.kind})")
+    if problems:
+        raise ValueError(f"init_from export {export} does not fit this run: " + "; ".join(problems))

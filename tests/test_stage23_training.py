@@ -1,0 +1,143 @@
+"""Stages 2 and 3 on tiny SD1.5/SDXL-shaped stand-ins: hand-offs, what trains, EMA, export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+import generate
+import train
+from datamodules.demo_data import write_demo_shards
+from lightning_modules.adapter import read_adapter_metadata
+from tests.test_stage1_training import scalars, tiny_args
+from tests.tiny_models import make_tiny_llm, make_tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stage23")
+    text, images = root / "text", root / "images"
+    write_demo_shards(text, num_samples=64, samples_per_shard=32, seed=0, image_size=16, prefix="train", with_images=False)
+    write_demo_shards(text, num_samples=16, samples_per_shard=16, seed=1, image_size=16, prefix="val", with_images=False)
+    # 32 px images: the tiny VAE halves them to the tiny UNet's 16 x 16 latents.
+    write_demo_shards(images, num_samples=96, samples_per_shard=32, seed=2, image_size=32, prefix="train", with_images=True)
+    write_demo_shards(images, num_samples=16, samples_per_shard=16, seed=3, image_size=32, prefix="val", with_images=True)
+    return {
+        "llm": make_tiny_llm(root / "llm", kind="llama"),
+        "sd15": make_tiny_sd_pipeline(root / "sd15", kind="sd15"),
+        "sdxl": make_tiny_sd_pipeline(root / "sdxl", kind="sdxl"),
+        "train": text / "train-{00000..00001}.tar",
+        "val": text / "val-00000.tar",
+        "image_train": images / "train-{00000..00002}.tar",
+        "image_val": images / "val-00000.tar",
+    }
+
+
+def stage_args(world, run_dir: Path, stage: int, kind: str = "sd15", **extra) -> list[str]:
+    args = tiny_args(world, run_dir, kind=kind, **{"trainer.max_steps": 4, "trainer.val_check_interval": 2})
+    if stage > 1:
+        args += [f"stage={stage}", f"data.train.urls={world['image_train']}", f"data.val.urls={world['image_val']}",
+                 "model.resolution=32", "data.val_batch_size=8", "samples.every_n_steps=2", "samples.num_images=1",
+                 "samples.prompts=[a red circle,一个蓝色的正方形]", "generate.steps=2", "generate.scheduler=ddim",
+                 "diffusion.val_timesteps=[200,800]", "ema.decay=0.9"]
+    return args + [f"{k}={v}" for k, v in extra.items()]
+
+
+@pytest.fixture(scope="module")
+def stage1_run(world, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "stage1"
+    assert train.main(stage_args(world, run_dir, 1)) == 0
+    return run_dir
+
+
+def _unet_state(folder: Path) -> dict[str, torch.Tensor]:
+    return UNet2DConditionModel.from_pretrained(folder).state_dict()
+
+
+def test_stage2_trains_adapter_and_unet_and_exports_for_diffusers(world, stage1_run, tmp_path):
+    run_dir = tmp_path / "stage2"
+    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run)) == 0
+    export = run_dir / "export"
+    meta = read_adapter_metadata(export / "adapter.safetensors")
+    assert meta["stage"] == 2 and meta["global_step"] == 4
+    # Both trained parts moved away from where they started.
+    before_adapter = load_file(stage1_run / "export" / "adapter.safetensors")
+    after_adapter = load_file(export / "adapter.safetensors")
+    assert any(not torch.equal(before_adapter[k], after_adapter[k]) for k in before_adapter)
+    base_unet, trained_unet = _unet_state(world["sd15"] / "unet"), _unet_state(export / "unet")
+    assert any(not torch.equal(base_unet[k], trained_unet[k]) for k in base_unet)
+    # The exported UNet is the EMA one, not the last raw weights.
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = ckpt["state_dict"]["unet.conv_in.weight"]
+    assert not torch.equal(raw, trained_unet["conv_in.weight"])
+    assert ckpt["ema"]["updates"] == 4
+    # Only trained weights in the checkpoint; the model card and sample grids are there.
+    assert all(k.startswith(("adapter.", "unet.")) for k in ckpt["state_dict"])
+    assert (export / "README.md").read_text().startswith("# LinguaDiff export")
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step00000002.png", "step00000004.png"]
+    assert scalars(run_dir, "val/loss") and scalars(run_dir, "val/loss_t200")
+
+    # generate.py draws with the stage-2 export (its UNet) through the diffusers pipeline.
+    out = tmp_path / "out"
+    assert generate.main([f"run_dir={run_dir}", "prompt=一个红色的圆形", "num_images=2", "steps=2", f"out_dir={out}"]) == 0
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_stage2_resume_keeps_the_ema(world, stage1_run, tmp_path):
+    run_dir = tmp_path / "stage2"
+    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run, **{"samples.every_n_steps": 0})) == 0
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run, **{"samples.every_n_steps": 0, "trainer.max_steps": 6})) == 0
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["ema"]["updates"] == 4 and second["ema"]["updates"] == 6
+    assert second["global_step"] == 6
+    steps = [s for s, _ in scalars(run_dir, "train/loss")]
+    assert len(steps) == len(set(steps)) == 6
+
+
+def test_stage3_freezes_the_adapter_and_filters_by_aesthetics(world, stage1_run, tmp_path):
+    stage2 = tmp_path / "stage2"
+    assert train.main(stage_args(world, stage2, 2, init_from=stage1_run, **{"samples.every_n_steps": 0})) == 0
+    stage3 = tmp_path / "stage3"
+    assert train.main(stage_args(world, stage3, 3, init_from=stage2, **{"data.min_aesthetic": 5.0})) == 0
+    # The adapter is exactly stage 2's; the UNet trained on.
+    a2, a3 = load_file(stage2 / "export" / "adapter.safetensors"), load_file(stage3 / "export" / "adapter.safetensors")
+    assert all(torch.equal(a2[k], a3[k]) for k in a2)
+    u2, u3 = _unet_state(stage2 / "export" / "unet"), _unet_state(stage3 / "export" / "unet")
+    assert any(not torch.equal(u2[k], u3[k]) for k in u2)
+    assert read_adapter_metadata(stage3 / "export" / "adapter.safetensors")["stage"] == 3
+    # Low-aesthetic samples were dropped before decoding, and counted.
+    assert scalars(stage3, "data/skipped_low_aesthetic")[-1][1] > 0
+
+
+@pytest.mark.parametrize(
+    ("stage", "init", "message"),
+    [
+        (2, None, "set init_from=RUN_DIR"),
+        (2, "missing", "has no export/adapter.safetensors"),
+        (3, "stage1", "is a stage-1 export; stage 3 starts from stage 2"),
+    ],
+)
+def test_stage_handoff_errors(world, stage1_run, tmp_path, stage, init, message):
+    extra = {} if init is None else {"init_from": stage1_run if init == "stage1" else tmp_path / "nothing"}
+    with pytest.raises(ValueError, match=message):
+        train.main(stage_args(world, tmp_path / "run", stage, **extra))
+
+
+def test_stage2_refuses_an_export_made_for_another_llm(world, stage1_run, tmp_path):
+    other = make_tiny_llm(tmp_path / "other-llm", kind="qwen2")
+    with pytest.raises(ValueError, match="its LLM is"):
+        train.main(stage_args(world, tmp_path / "run", 2, init_from=stage1_run, **{"llm.path": other}))
+
+
+def test_sdxl_stage2_uses_pooled_and_time_ids(world, tmp_path):
+    stage1 = tmp_path / "stage1"
+    assert train.main(stage_args(world, stage1, 1, kind="sdxl", **{"trainer.max_steps": 2})) == 0
+    stage2 = tmp_path / "stage2"
+    assert train.main(stage_args(world, stage2, 2, kind="sdxl", init_from=stage1, **{"samples.every_n_steps": 0, "trainer.max_steps": 2})) == 0
+    assert (stage2 / "export" / "unet" / "config.json").is_file()
+    out = tmp_path / "out"
+    assert generate.main([f"run_dir={stage2}", "prompt=a red circle", "num_images=1", "steps=2", f"out_dir={out}"]) == 0
