@@ -8,7 +8,7 @@ on English captions of coloured shapes (a frozen random encoder does not general
 new phrasings; DESIGN.md). 10% caption dropout trains the unconditional branch that
 classifier-free guidance needs; the weights written are the EMA ones.
 
-    python scripts/make_demo_base.py --out assets/demo_base        # about 12 min on 2 CPU cores
+    python scripts/make_demo_base.py --out assets/demo_base        # about 35 min on one CPU thread
 
 Deterministic for a given seed, torch version and thread count. Writes unet/, text_encoder/,
 tokenizer/, scheduler/, model_index.json and a README.md with the measured accuracy.
@@ -119,7 +119,7 @@ def evaluate(tokenizer, text_encoder, unet, scheduler_config, image_size: int, p
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="assets/demo_base")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--image-size", type=int, default=16)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-per-prompt", type=int, default=4)
     args = parser.parse_args(argv)
 
