@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run = RunDir.prepare(cfg)
-    except ConfigError as err:
+        L.seed_everything(cfg.seed, workers=True)
+        module = stage_class(cfg.stage).from_config(cfg)
+        # A resumed run reads fresh samples instead of replaying the stream from its start.
+        cfg.seed = int(cfg.seed) + run.resume_step
+        datamodule = build_datamodule(cfg, module.tokenizers())
+    except ConfigError as err:  # a setting that cannot work: say which, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    L.seed_everything(cfg.seed, workers=True)
-    module = stage_class(cfg.stage).from_config(cfg)
-    # A resumed run reads fresh samples instead of replaying the stream from its start.
-    cfg.seed = int(cfg.seed) + run.resume_step
-    datamodule = build_datamodule(cfg, module.tokenizers())
     callbacks = [ThroughputLogger(cfg.trainer.log_every_n_steps * 5, unit="prompts" if cfg.stage == 1 else "images"),
                  RunExport(cfg, run.export)]
     if cfg.stage > 1:

@@ -5,6 +5,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from linguadiff.config import ConfigError
+
 
 def shard_spec(split: DictConfig | None) -> dict[str, Any] | None:
     """The config's ``{urls, sources}`` pair as the shard readers take it (None: no shards)."""
@@ -13,7 +15,7 @@ def shard_spec(split: DictConfig | None) -> dict[str, Any] | None:
     sources = list(split.get("sources") or [])
     if sources:
         if split.get("urls"):
-            raise ValueError("set either data.*.urls or data.*.sources, not both")
+            raise ConfigError("set either data.*.urls or data.*.sources, not both")
         return {"sources": [dict(s) for s in sources]}
     return {"urls": split.urls} if split.get("urls") else None
 
@@ -21,44 +23,33 @@ def shard_spec(split: DictConfig | None) -> dict[str, Any] | None:
 def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
     """The datamodule of ``cfg.stage`` (text shards for stage 1, image-text shards for stages
     2-3), with the stage module's tokenizers run in its workers."""
-    if cfg.stage == 1:
-        from datamodules.text_shards import TextShardsDataModule
-
-        d = cfg.data
-        train = shard_spec(d.train)
-        if train is None:
-            raise ValueError("config key 'data.train.urls' must be set (or data.train.sources)")
-        return TextShardsDataModule(
-            train=train,
-            val=shard_spec(d.val),
-            batch_size=d.batch_size,
-            val_batch_size=d.val_batch_size,
-            num_workers=d.num_workers,
-            shuffle_buffer=d.shuffle_buffer,
-            languages=dict(d.languages),
-            seed=cfg.seed,
-            tokenizers=tokenizers,
-        )
-    from datamodules.image_shards import ImageTextDataModule
-
     d = cfg.data
     train = shard_spec(d.train)
     if train is None:
-        raise ValueError("config key 'data.train.urls' must be set (or data.train.sources)")
-    return ImageTextDataModule(
+        raise ConfigError("config key 'data.train.urls' must be set (or data.train.sources)")
+    common = dict(
         train=train,
         val=shard_spec(d.val),
-        resolution=cfg.model.resolution,
         batch_size=d.batch_size,
         val_batch_size=d.val_batch_size,
         num_workers=d.num_workers,
         shuffle_buffer=d.shuffle_buffer,
-        seed=cfg.seed,
         languages=dict(d.languages),
+        seed=cfg.seed,
+        tokenizers=tokenizers,
+    )
+    if cfg.stage == 1:
+        from datamodules.text_shards import TextShardsDataModule
+
+        return TextShardsDataModule(**common)
+    from datamodules.image_shards import ImageTextDataModule
+
+    return ImageTextDataModule(
+        resolution=cfg.model.resolution,
         caption_dropout=d.caption_dropout,
         random_crop=d.random_crop,
         random_flip=d.random_flip,
         min_size=d.min_size,
         min_aesthetic=d.min_aesthetic,
-        tokenizers=tokenizers,
+        **common,
     )

@@ -48,27 +48,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from datamodules.shards import (
     Consumer,
+    ShardDataModule,
     ShardSource,
     SkipCounter,
+    Tokenizer,
     batched,
-    distributed_rank_and_world,
     iter_consumer_samples,
     mix_streams,
-    parse_sources,
+    parse_language_weights,
     shuffled,
 )
-from datamodules.text_shards import Tokenizer
-from linguadiff.config import to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -457,7 +454,7 @@ class ImageTextStream(IterableDataset):
 # ----------------------------------------------------------------------------- datamodule
 
 
-class ImageTextDataModule(L.LightningDataModule):
+class ImageTextDataModule(ShardDataModule):
     """Stages 2-3 data: (image, caption) examples from img2dataset shards (module docstring).
 
     `train` / `val`: `{"urls": URLS}` or `{"sources": [{"urls": URLS, "weight": W}, ...]}`
@@ -466,6 +463,9 @@ class ImageTextDataModule(L.LightningDataModule):
     to both splits: they choose the data set. `random_flip` is off by default because
     captions say left and right.
     """
+
+    tokenizer_roles = tuple(TOKENIZED_FIELDS)
+    source_kind = "image-text"
 
     def __init__(
         self,
@@ -486,25 +486,13 @@ class ImageTextDataModule(L.LightningDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         tokenizers: Mapping[str, Tokenizer] | None = None,
     ):
-        super().__init__()
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
+        super().__init__(train, val, batch_size, val_batch_size, num_workers, shuffle_buffer, seed)
         if resolution < 1 or max_pixels < 1 or min_size < 0:
             raise ValueError(f"need resolution >= 1, max_pixels >= 1, min_size >= 0; got "
                              f"{resolution}, {max_pixels}, {min_size}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        language_weights = {str(code): float(weight) for code, weight in (to_plain(languages) or {}).items()}
-        negative = {code: weight for code, weight in language_weights.items() if weight < 0}
-        if negative:
-            raise ValueError(f"language weights must be >= 0, got {negative}")
-        self.train_spec = to_plain(train)
-        self.val_spec = to_plain(val)
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
+        language_weights = parse_language_weights(languages)
         self.train_decoder = ImageTextDecoder(
             resolution=resolution,
             train=True,
@@ -526,66 +514,23 @@ class ImageTextDataModule(L.LightningDataModule):
             min_aesthetic=min_aesthetic,
             max_pixels=max_pixels,
         )
-        self.tokenizers: dict[str, Tokenizer] = {}
         self.set_tokenizers(tokenizers)
-        self.train_sources: list[ShardSource] | None = None
-        self.val_sources: list[ShardSource] | None = None
 
-    def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
-        """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
-        tokenizers = dict(tokenizers or {})
-        unknown = sorted(set(tokenizers) - set(TOKENIZED_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown tokenizer role(s) {unknown}; known: {list(TOKENIZED_FIELDS)}")
-        self.tokenizers = tokenizers
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit") and self.train_sources is None:
-            self.train_sources = parse_sources(self.train_spec)
-            self._log_sources("train", self.train_sources)
-        if stage in (None, "fit", "validate") and self.val_sources is None and self.val_spec is not None:
-            self.val_sources = parse_sources(self.val_spec)
-            self._log_sources("val", self.val_sources)
-
-    def _log_sources(self, split: str, sources: list[ShardSource]) -> None:
-        for source in sources:
-            rank_zero_info(
-                f"{split} image-text shards: {len(source.urls)} from {source.pattern} (weight {source.weight})"
-            )
+    def _split_summary(self, split: str) -> str:
         decoder = self.train_decoder if split == "train" else self.val_decoder
         batch_size = self.batch_size if split == "train" else self.val_batch_size
-        rank_zero_info(f"{split}: batch size {batch_size}, workers {self.num_workers}, {decoder}")
+        return f"{split}: batch size {batch_size}, workers {self.num_workers}, {decoder}"
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_sources is None:
-            self.setup("fit")
-        return self._loader(self.train_sources, self.train_decoder, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """The finite validation stream: each sample once across ranks and workers."""
-        if self.val_spec is None:
-            return []  # Lightning skips validation for an empty list
-        if self.val_sources is None:
-            self.setup("validate")
-        return self._loader(self.val_sources, self.val_decoder, self.val_batch_size)
-
-    def _loader(self, sources: list[ShardSource], decoder: ImageTextDecoder, batch_size: int) -> DataLoader:
-        rank, world_size = distributed_rank_and_world()
-        stream = ImageTextStream(
+    def _stream(
+        self, sources: list[ShardSource], *, train: bool, batch_size: int, rank: int, world_size: int
+    ) -> ImageTextStream:
+        return ImageTextStream(
             sources,
-            decoder,
+            self.train_decoder if train else self.val_decoder,
             batch_size=batch_size,
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             tokenizers=self.tokenizers,
             rank=rank,
             world_size=world_size,
-        )
-        # batch_size=None: the workers already return whole batches.
-        return DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
         )

@@ -14,6 +14,8 @@ What lives here, and nothing about what a sample means:
   batching code hands its counts to the main process inside every batch.
 - `mix_streams`, `shuffled`, `batched`: the small stream combinators the datamodules chain.
 - `is_language_code`: which `KEY.<lang>.txt` / json fields hold captions per language.
+- `ShardDataModule`: the LightningDataModule plumbing both datamodules share (sources,
+  tokenizer roles, logging, DataLoaders); a subclass only says how to build its stream.
 
 We read tars ourselves instead of using `wds.WebDataset` because webdataset 1.0 needs several
 non-default settings to be safe here (explicit `shardshuffle`, a node splitter, `with_epoch`
@@ -38,12 +40,21 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import braceexpand
+import lightning as L
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, IterableDataset
+
+from linguadiff.config import to_plain
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Runs in the DataLoader workers: a list of texts -> token tensors.
+Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
 
 # Errors that mean "this shard cannot be read any further" (bad stream, bad archive, failed pipe).
 SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
@@ -125,6 +136,15 @@ def parse_sources(spec: str | Sequence[str] | Mapping[str, Any]) -> list[ShardSo
     if not sources:
         raise ValueError("data spec has an empty 'sources' list")
     return sources
+
+
+def parse_language_weights(languages: Mapping[str, float] | DictConfig | None) -> dict[str, float]:
+    """Training weight per language code (missing codes weigh 1.0, 0 excludes); rejects < 0."""
+    weights = {str(code): float(weight) for code, weight in (to_plain(languages) or {}).items()}
+    negative = {code: weight for code, weight in weights.items() if weight < 0}
+    if negative:
+        raise ValueError(f"language weights must be >= 0, got {negative}")
+    return weights
 
 
 def _reject_unknown_keys(entry: Mapping[str, Any], known: set[str], what: str) -> None:
@@ -444,3 +464,103 @@ def batched(stream: Iterable[T], batch_size: int, keep_partial: bool) -> Iterato
             batch = []
     if batch and keep_partial:
         yield batch
+
+
+# ----------------------------------------------------------------------------- datamodule base
+
+
+class ShardDataModule(L.LightningDataModule):
+    """What the text and image-text datamodules share: train/val shard sources, batch sizes,
+    workers, tokenizers run in the workers, and DataLoaders over worker-batched streams.
+
+    A subclass names its `tokenizer_roles` and `source_kind` (for log lines), and implements
+    `_stream` (the IterableDataset for one split) and `_split_summary` (its log line).
+    """
+
+    tokenizer_roles: tuple[str, ...] = ()
+    source_kind = "shard"
+
+    def __init__(
+        self,
+        train: Mapping[str, Any] | DictConfig,
+        val: Mapping[str, Any] | DictConfig | None,
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        shuffle_buffer: int,
+        seed: int,
+    ):
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
+        self.train_spec = to_plain(train)
+        self.val_spec = to_plain(val)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.tokenizers: dict[str, Tokenizer] = {}
+        self.train_sources: list[ShardSource] | None = None
+        self.val_sources: list[ShardSource] | None = None
+
+    def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
+        """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
+        tokenizers = dict(tokenizers or {})
+        unknown = sorted(set(tokenizers) - set(self.tokenizer_roles))
+        if unknown:
+            raise ValueError(f"unknown tokenizer role(s) {unknown}; known: {list(self.tokenizer_roles)}")
+        self.tokenizers = tokenizers
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_sources is None:
+            self.train_sources = parse_sources(self.train_spec)
+            self._log_sources("train", self.train_sources)
+        if stage in (None, "fit", "validate") and self.val_sources is None and self.val_spec is not None:
+            self.val_sources = parse_sources(self.val_spec)
+            self._log_sources("val", self.val_sources)
+
+    def _log_sources(self, split: str, sources: list[ShardSource]) -> None:
+        for source in sources:
+            rank_zero_info(
+                f"{split} {self.source_kind} shards: {len(source.urls)} from {source.pattern} "
+                f"(weight {source.weight})"
+            )
+        rank_zero_info(self._split_summary(split))
+
+    def _split_summary(self, split: str) -> str:
+        """The log line after a split's sources: its batch size, workers and options."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_sources is None:
+            self.setup("fit")
+        return self._loader(self.train_sources, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The finite validation stream: each sample once across ranks and workers; iterate
+        it directly for a 'seen once' check."""
+        if self.val_spec is None:
+            return []  # Lightning skips validation for an empty list
+        if self.val_sources is None:
+            self.setup("validate")
+        return self._loader(self.val_sources, train=False)
+
+    def _loader(self, sources: list[ShardSource], *, train: bool) -> DataLoader:
+        rank, world_size = distributed_rank_and_world()
+        batch_size = self.batch_size if train else self.val_batch_size
+        stream = self._stream(sources, train=train, batch_size=batch_size, rank=rank, world_size=world_size)
+        # batch_size=None: the workers already return whole batches.
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _stream(
+        self, sources: list[ShardSource], *, train: bool, batch_size: int, rank: int, world_size: int
+    ) -> IterableDataset:
+        """The dataset yielding whole batches of one split, built on the main process."""
+        raise NotImplementedError

@@ -19,30 +19,27 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import lightning as L
-import torch
-from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import DataLoader, IterableDataset
+from omegaconf import DictConfig
+from torch.utils.data import IterableDataset
 
 from datamodules.shards import (
     Consumer,
+    ShardDataModule,
     ShardSource,
     SkipCounter,
+    Tokenizer,
     batched,
-    distributed_rank_and_world,
     is_language_code,
     iter_consumer_samples,
     mix_streams,
-    parse_sources,
+    parse_language_weights,
     shuffled,
 )
 
-Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
 TOKENIZER_ROLES = ("teacher", "student")
 
 def is_text_member(extension: str) -> bool:
@@ -235,14 +232,7 @@ class TextPairStream(IterableDataset):
         return batch
 
 
-def _plain(config: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists; anything else unchanged."""
-    if isinstance(config, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(config, resolve=True)
-    return config
-
-
-class TextShardsDataModule(L.LightningDataModule):
+class TextShardsDataModule(ShardDataModule):
     """Stage-1 data: caption pairs from text shards (see the module docstring).
 
     `train` / `val`: `{"urls": URLS}` or `{"sources": [{"urls": URLS, "weight": W}, ...]}`
@@ -250,6 +240,9 @@ class TextShardsDataModule(L.LightningDataModule):
     are shares of training samples; validation reads every source once, unweighted.
     `languages`: training weight per language code; missing codes weigh 1.0, 0 excludes.
     """
+
+    tokenizer_roles = TOKENIZER_ROLES
+    source_kind = "text"
 
     def __init__(
         self,
@@ -263,67 +256,20 @@ class TextShardsDataModule(L.LightningDataModule):
         seed: int = 0,
         tokenizers: Mapping[str, Tokenizer] | None = None,
     ):
-        super().__init__()
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
-        self.train_spec = _plain(train)
-        self.val_spec = _plain(val)
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.language_weights = {str(code): float(weight) for code, weight in (_plain(languages) or {}).items()}
-        negative = {code: weight for code, weight in self.language_weights.items() if weight < 0}
-        if negative:
-            raise ValueError(f"language weights must be >= 0, got {negative}")
-        self.seed = seed
-        self.tokenizers: dict[str, Tokenizer] = {}
+        super().__init__(train, val, batch_size, val_batch_size, num_workers, shuffle_buffer, seed)
+        self.language_weights = parse_language_weights(languages)
         self.set_tokenizers(tokenizers)
-        self.train_sources: list[ShardSource] | None = None
-        self.val_sources: list[ShardSource] | None = None
 
-    def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
-        """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
-        tokenizers = dict(tokenizers or {})
-        unknown = sorted(set(tokenizers) - set(TOKENIZER_ROLES))
-        if unknown:
-            raise ValueError(f"unknown tokenizer role(s) {unknown}; known: {list(TOKENIZER_ROLES)}")
-        self.tokenizers = tokenizers
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit") and self.train_sources is None:
-            self.train_sources = parse_sources(self.train_spec)
-            self._log_sources("train", self.train_sources)
-        if stage in (None, "fit", "validate") and self.val_sources is None and self.val_spec is not None:
-            self.val_sources = parse_sources(self.val_spec)
-            self._log_sources("val", self.val_sources)
-
-    def _log_sources(self, split: str, sources: list[ShardSource]) -> None:
-        for source in sources:
-            rank_zero_info(
-                f"{split} text shards: {len(source.urls)} from {source.pattern} (weight {source.weight})"
-            )
-        rank_zero_info(
+    def _split_summary(self, split: str) -> str:
+        return (
             f"{split}: languages {self.language_weights or 'all at weight 1.0'}, batch size "
             f"{self.batch_size if split == 'train' else self.val_batch_size}, workers {self.num_workers}"
         )
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_sources is None:
-            self.setup("fit")
-        return self._loader(self.train_sources, train=True, batch_size=self.batch_size)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """The finite validation stream; iterate it directly for a 'seen once' check."""
-        if self.val_spec is None:
-            return []  # Lightning skips validation for an empty list
-        if self.val_sources is None:
-            self.setup("validate")
-        return self._loader(self.val_sources, train=False, batch_size=self.val_batch_size)
-
-    def _loader(self, sources: list[ShardSource], *, train: bool, batch_size: int) -> DataLoader:
-        rank, world_size = distributed_rank_and_world()
-        stream = TextPairStream(
+    def _stream(
+        self, sources: list[ShardSource], *, train: bool, batch_size: int, rank: int, world_size: int
+    ) -> TextPairStream:
+        return TextPairStream(
             sources,
             train=train,
             batch_size=batch_size,
@@ -333,12 +279,4 @@ class TextShardsDataModule(L.LightningDataModule):
             tokenizers=self.tokenizers,
             rank=rank,
             world_size=world_size,
-        )
-        # batch_size=None: the workers already return whole batches.
-        return DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
         )

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lightning_modules.frozen import freeze
+from linguadiff.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class StageModule(L.LightningModule):
         children = dict(self.named_children())
         unknown = [n for n in wanted if n not in children]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'train.trainable' names {unknown}, which stage {self.cfg.stage} does not have; "
                 f"its parts are {sorted(children)}"
             )
@@ -104,7 +105,8 @@ class StageModule(L.LightningModule):
         params = [p for group in groups for p in group["params"]]
         # Fused AdamW (one kernel for all parameters) on GPUs, except under fp16 mixed precision,
         # where its internal unscaling would come after gradient clipping.
-        fp16 = "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision)
+        precision = str(self._trainer.precision) if self._trainer is not None else ""  # benchmarks run without one
+        fp16 = "16" in precision and "bf16" not in precision
         fused = torch.cuda.is_available() and all(p.is_cuda for p in params) and not fp16
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
         total, warmup = max(1, int(self.cfg.trainer.max_steps)), max(0, int(o.warmup_steps))

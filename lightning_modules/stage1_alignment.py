@@ -25,7 +25,8 @@ from lightning_modules.adapter import QueryAdapter
 from lightning_modules.base import StageModule
 from lightning_modules.clip_teacher import CLIPTeacher
 from lightning_modules.losses import ALIGNMENT_LOSSES, token_cosine_similarity
-from lightning_modules.text_encoder import LLMTextEncoder, length_groups
+from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
+from linguadiff.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Stage1Alignment(StageModule):
         self.adapter = adapter
         self.apply_trainable()
         if cfg.loss.type not in ALIGNMENT_LOSSES:
-            raise ValueError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {cfg.loss.type!r}")
+            raise ConfigError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {cfg.loss.type!r}")
         self.loss_fn = ALIGNMENT_LOSSES[cfg.loss.type]
         self._val_outputs: list[dict[str, Any]] = []
 
@@ -78,19 +79,7 @@ class Stage1Alignment(StageModule):
 
     def student(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """LLM + adapter, run per group of similar prompt lengths (same result, less padding)."""
-        ids, attention = tokens["input_ids"], tokens["attention_mask"]
-        groups = length_groups(attention.sum(1))
-        if len(groups) == 1:
-            return self.adapter(*self.text_encoder(ids, attention))
-        parts = []
-        for index in groups:
-            width = int(attention[index].sum(1).max())
-            parts.append(self.adapter(*self.text_encoder(ids[index, :width], attention[index, :width])))
-        inverse = torch.argsort(torch.cat(groups))
-        return {
-            key: None if parts[0][key] is None else torch.cat([p[key] for p in parts])[inverse]
-            for key in parts[0]
-        }
+        return encode_by_length(self.text_encoder, self.adapter, tokens["input_ids"], tokens["attention_mask"])
 
     def alignment(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.loss.norm_weight
@@ -220,4 +209,4 @@ def check_shapes(cfg: DictConfig, text_encoder: LLMTextEncoder, teacher: CLIPTea
     if (a["pooled_dim"] or None) != (teacher.pooled_dim or None):
         problems.append(f"adapter.pooled_dim={a['pooled_dim']} but {cfg.model.name}'s pooled text feature is {teacher.pooled_dim}")
     if problems:
-        raise ValueError("the adapter does not fit the base model: " + "; ".join(problems))
+        raise ConfigError("the adapter does not fit the base model: " + "; ".join(problems))

@@ -27,7 +27,8 @@ from lightning_modules.diffusion import (
     sdxl_time_ids,
 )
 from lightning_modules.ema import EMA
-from lightning_modules.text_encoder import LLMTextEncoder, length_groups
+from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
+from linguadiff.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,8 @@ class Stage2EndToEnd(StageModule):
 
     def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """LLM + adapter, grouped by prompt length (as in stage 1)."""
-        ids, attention = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        groups = length_groups(attention.sum(1))
-        if len(groups) == 1:
-            return self.adapter(*self.text_encoder(ids, attention))
-        parts = []
-        for index in groups:
-            width = int(attention[index].sum(1).max())
-            parts.append(self.adapter(*self.text_encoder(ids[index, :width], attention[index, :width])))
-        inverse = torch.argsort(torch.cat(groups))
-        return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
+        return encode_by_length(self.text_encoder, self.adapter, tokens["input_ids"].to(self.device),
+                                tokens["attention_mask"].to(self.device))
 
     @torch.no_grad()
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
@@ -173,14 +166,14 @@ class Stage2EndToEnd(StageModule):
 def init_export(cfg: DictConfig, expected_stage: int) -> Path:
     """The export folder of the run `init_from` names, with a clear error when it is unusable."""
     if not cfg.init_from:
-        raise ValueError(
+        raise ConfigError(
             f"stage {cfg.stage} starts from a stage-{expected_stage} run: set init_from=RUN_DIR "
             f"(e.g. python train.py stage={cfg.stage} init_from=runs/stage{expected_stage} run_dir=runs/stage{cfg.stage})"
         )
     root = Path(cfg.init_from).expanduser()
     export = root / "export" if (root / "export").is_dir() else root
     if not (export / "adapter.safetensors").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"init_from={cfg.init_from} has no export/adapter.safetensors: "
             f"has its stage-{expected_stage} run finished? (export happens at the end of training)"
         )
@@ -188,7 +181,7 @@ def init_export(cfg: DictConfig, expected_stage: int) -> Path:
 
     meta = read_adapter_metadata(export / "adapter.safetensors")
     if meta.get("stage") != expected_stage:
-        raise ValueError(f"init_from={cfg.init_from} is a stage-{meta.get('stage')} export; stage {cfg.stage} starts from stage {expected_stage}")
+        raise ConfigError(f"init_from={cfg.init_from} is a stage-{meta.get('stage')} export; stage {cfg.stage} starts from stage {expected_stage}")
     return export
 
 
@@ -204,4 +197,4 @@ def check_handoff(cfg: DictConfig, meta: dict, export: Path) -> None:
     if base["path"] != cfg.model.path or base["kind"] != cfg.model.kind:
         problems.append(f"it was made for base {base['path']} ({base['kind']}), this run's is {cfg.model.path} ({cfg.model.kind})")
     if problems:
-        raise ValueError(f"init_from export {export} does not fit this run: " + "; ".join(problems))
+        raise ConfigError(f"init_from export {export} does not fit this run: " + "; ".join(problems))

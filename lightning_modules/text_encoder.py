@@ -14,6 +14,8 @@ layers are an option here (``layers``, ``layer_mix``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Literal
 
 import torch
@@ -142,6 +144,28 @@ def length_groups(lengths: torch.Tensor, min_saving: float = 0.25) -> list[torch
     if n == 0 or best > (1 - min_saving) * full:
         return [torch.arange(n, device=lengths.device)]
     return [order[:best_k], order[best_k:]]
+
+
+def encode_by_length(
+    text_encoder: "LLMTextEncoder",
+    adapter: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor | None]],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> dict[str, torch.Tensor | None]:
+    """LLM + adapter over a batch, run per `length_groups` group and put back in batch order.
+
+    The adapter's outputs have a fixed size (N queries), so groups of different padded
+    lengths concatenate; the result equals one padded pass, for less work.
+    """
+    groups = length_groups(attention_mask.sum(1))
+    if len(groups) == 1:
+        return adapter(*text_encoder(input_ids, attention_mask))
+    parts = []
+    for index in groups:
+        width = int(attention_mask[index].sum(1).max())
+        parts.append(adapter(*text_encoder(input_ids[index, :width], attention_mask[index, :width])))
+    inverse = torch.argsort(torch.cat(groups))
+    return {key: None if parts[0][key] is None else torch.cat([p[key] for p in parts])[inverse] for key in parts[0]}
 
 
 def _load_backbone(

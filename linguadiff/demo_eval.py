@@ -1,8 +1,10 @@
-"""The demo's colour accuracy: does a prompt in any language draw its colour?
+"""The demo's measures: does a prompt in any language draw its colour, and how nicely?
 
 Every colour x shape, in the plain phrasings a user would type per language
 (`datamodules.demo_data.PLAIN_PROMPTS`), `per_prompt` seeds each; an image counts as right
-when its dominant saturated colour is the prompt's. Shape accuracy is reported beside it.
+when its dominant saturated colour is the prompt's. Shape accuracy is reported beside it,
+and the demo's aesthetic measure (0-10: large, centred shapes on a clean background, read
+back from the pixels), which stage 3 should raise.
 
     python -m linguadiff.demo_eval run_dir=runs/stage1            # LLM + adapter, every language
     python -m linguadiff.demo_eval base_only=true                    # the base with its own CLIP (English)
@@ -26,14 +28,16 @@ def colour_accuracy(generator, languages=demo_data.LANGUAGES, per_prompt: int = 
         drawn = generator([p for p, _, _ in prompts], num_images=per_prompt, seed=seed, **draw)
         colour = sum(demo_data.dominant_colour(im) == prompts[i][1] for i, _, im in drawn)
         shape = sum(demo_data.classify_shape(im) == prompts[i][2] for i, _, im in drawn)
-        results[lang] = {"colour": colour / len(drawn), "shape": shape / len(drawn), "images": len(drawn)}
+        aesthetic = sum(demo_data.aesthetic_measure(im) for _, _, im in drawn) / len(drawn)
+        results[lang] = {"colour": colour / len(drawn), "shape": shape / len(drawn), "aesthetic": round(aesthetic, 3),
+                         "images": len(drawn)}
     return results
 
 
 def format_table(results: dict, title: str) -> str:
-    lines = [title, f"{'lang':<6}{'colour':>8}{'shape':>8}{'images':>8}"]
+    lines = [title, f"{'lang':<6}{'colour':>8}{'shape':>8}{'aesthetic':>10}{'images':>8}"]
     for lang, r in results.items():
-        lines.append(f"{lang:<6}{r['colour']:>8.1%}{r['shape']:>8.1%}{r['images']:>8}")
+        lines.append(f"{lang:<6}{r['colour']:>8.1%}{r['shape']:>8.1%}{r['aesthetic']:>10.2f}{r['images']:>8}")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lightning_modules.adapter import QueryAdapter
-from lightning_modules.text_encoder import LLMTextEncoder, torch_dtype
+from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,13 @@ class AdapterTextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> dict[str, torch.Tensor | None]:
-        features, mask = self.text_encoder.encode(prompts)
-        features = features.to(next(self.adapter.parameters()).dtype)
-        return self.adapter(features, mask)
+        device = next(self.adapter.parameters()).device
+        tokens = self.text_encoder.tokenizer(prompts)
+        dtype = next(self.adapter.parameters()).dtype
+        return encode_by_length(
+            self.text_encoder, lambda features, mask: self.adapter(features.to(dtype), mask),
+            tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
+        )
 
 
 @dataclass

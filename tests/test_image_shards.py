@@ -12,10 +12,8 @@ import math
 import os
 import random
 import struct
-import tarfile
 import zlib
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +30,7 @@ from datamodules.image_shards import (
     open_image,
     square_crop,
 )
+from tests.shard_helpers import write_shard
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,20 +49,6 @@ def split_image(width: int, height: int) -> Image.Image:
     pixels[:, : width // 2] = RED
     pixels[:, width // 2 :] = BLUE
     return Image.fromarray(pixels)
-
-
-def write_shard(path: Path, samples: list[dict[str, str | bytes]]) -> Path:
-    """Writes `samples` ({"__key__": k, extension: text or bytes}) as a tar shard."""
-    with tarfile.open(path, "w") as tar:
-        for sample in samples:
-            for extension, payload in sample.items():
-                if extension == "__key__":
-                    continue
-                data = payload.encode("utf-8") if isinstance(payload, str) else payload
-                info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def good_sample(key: str, **meta) -> dict[str, str | bytes]:

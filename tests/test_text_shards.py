@@ -5,7 +5,6 @@ processes because that is where splitting and skip accounting can go wrong.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -19,22 +18,9 @@ from omegaconf import OmegaConf
 
 from datamodules.shards import Consumer, SkipCounter, expand_urls, iter_tar_samples
 from datamodules.text_shards import TextPairStream, TextShardsDataModule
+from tests.shard_helpers import write_shard
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def write_shard(path: Path, samples: list[dict[str, str | bytes]]) -> Path:
-    """Writes `samples` ({"__key__": k, extension: text or bytes}) as a tar shard."""
-    with tarfile.open(path, "w") as tar:
-        for sample in samples:
-            for extension, payload in sample.items():
-                if extension == "__key__":
-                    continue
-                data = payload.encode("utf-8") if isinstance(payload, str) else payload
-                info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def parallel_shards(directory: Path, num_shards: int, per_shard: int) -> dict[tuple[str, str], str]:

@@ -14,7 +14,6 @@ same path with tiny models saved to a temporary folder").
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +33,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from linguadiff.offline_tokenizers import EOS, bytes_to_unicode, save_clip_tokenizer
+
 LLMKind = Literal["llama", "qwen2", "t5"]
 SDKind = Literal["sd15", "sdxl"]
 
@@ -42,27 +43,10 @@ SDKind = Literal["sd15", "sdxl"]
 _CLIP_MERGED_WORDS = ("the", "and", "red", "blue", "a")
 
 
-def byte_alphabet() -> list[str]:
-    """The 256 visible characters byte-level BPE uses for the bytes 0..255.
-
-    Printable Latin-1 bytes stand for themselves; the others (controls, space) are moved
-    to code points from 256 up, so every byte has a visible, non-whitespace character.
-    Printable ones come first, so ``"!"`` gets id 0 as in CLIP's vocabulary (SDXL pads
-    its second tokenizer with it).
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars: dict[int, str] = {b: chr(b) for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + shifted)
-            shifted += 1
-    return [chars[b] for b in sorted(printable)] + [chars[b] for b in range(256) if b not in printable]
-
-
 def _byte_level_tokenizer(specials: list[str], specials_first: bool) -> tuple[Tokenizer, dict[str, int]]:
     """A byte-level BPE with no merges: one token per UTF-8 byte, plus ``specials``."""
-    tokens = specials + byte_alphabet() if specials_first else byte_alphabet() + specials
+    alphabet = list(bytes_to_unicode().values())
+    tokens = specials + alphabet if specials_first else alphabet + specials
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -157,39 +141,15 @@ def make_tiny_llm(
     return path
 
 
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """CLIP-style BPE vocabulary: byte chars, byte chars + ``</w>``, a few merges, specials last.
-
-    The specials come last (``<|endoftext|>`` has the highest id), as in CLIP, which is
-    what CLIPTextModel's legacy pooling (argmax of the ids) relies on.
-    """
-    alphabet = byte_alphabet()
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    for word in _CLIP_MERGED_WORDS:
-        # Merge left to right: "t h" -> "th", "th e</w>" -> "the</w>".
-        left = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            right = ch + "</w>" if i == len(word) - 1 else ch
-            merges.append(f"{left} {right}")
-            left = left + right
-            if left not in tokens:
-                tokens.append(left)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(tokens)}, merges
-
-
 def _save_clip_tokenizer(folder: Path, pad_token: str, max_length: int) -> CLIPTokenizer:
-    """Write a CLIP tokenizer the way the diffusers base repos ship it (vocab.json, merges.txt)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _clip_vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(
-        vocab=vocab, merges=[tuple(m.split()) for m in merges], pad_token=pad_token, model_max_length=max_length
-    )
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+    """Write a CLIP tokenizer the way the diffusers base repos ship it (vocab.json, merges.txt).
+
+    As in CLIP, byte characters come first (so ``"!"`` has id 0: SDXL pads its second
+    tokenizer with it) and the specials last (``<|endoftext|>`` has the highest id, which
+    CLIPTextModel's legacy pooling, the argmax of the ids, relies on).
+    """
+    save_clip_tokenizer(folder, _CLIP_MERGED_WORDS, model_max_length=max_length, pad_token=pad_token)
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int, layers: int, heads: int, max_length: int,
@@ -232,7 +192,7 @@ def make_tiny_sd_base(
     path = Path(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = _save_clip_tokenizer(path / "tokenizer", "<|endoftext|>", max_length)
+        tokenizer = _save_clip_tokenizer(path / "tokenizer", EOS, max_length)
         config = _clip_text_config(tokenizer, hidden, layers, heads, max_length, projection_dim=None)
         CLIPTextModel(config).save_pretrained(path / "text_encoder")
         if kind == "sdxl":
