@@ -28,6 +28,8 @@ def setup_logging() -> None:
         logging.getLogger(name).propagate = True
     # Frozen parts are in eval mode on purpose; the stage module asserts what trains instead.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning's own use of a deprecated torch API; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # A resumed run writes into its own checkpoint folder on purpose.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run = RunDir.prepare(cfg)
+        if run.resume_step >= cfg.trainer.max_steps:  # before loading any model
+            logging.getLogger("train").warning(
+                "%s already reached step %d >= trainer.max_steps=%d: nothing to train (raise trainer.max_steps to continue)",
+                run.root, run.resume_step, cfg.trainer.max_steps,
+            )
+            return 0
         L.seed_everything(cfg.seed, workers=True)
         module = stage_class(cfg.stage).from_config(cfg)
         # A resumed run reads fresh samples instead of replaying the stream from its start.
@@ -65,12 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.stage > 1:
         callbacks.append(SampleImages(cfg, run.root / "samples"))
     trainer = build_trainer(cfg, run, callbacks)
-    if run.resume_step >= cfg.trainer.max_steps:
-        logging.getLogger("train").warning(
-            "%s already reached step %d >= trainer.max_steps=%d: nothing to train (raise trainer.max_steps to continue)",
-            run.root, run.resume_step, cfg.trainer.max_steps,
-        )
-        return 0
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.checkpoint) if run.checkpoint else None)
     return 0
 

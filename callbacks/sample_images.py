@@ -12,7 +12,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from PIL import Image

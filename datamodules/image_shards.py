@@ -60,7 +60,7 @@ from datamodules.shards import (
     ShardSource,
     SkipCounter,
     Tokenizer,
-    batched,
+    batches_with_skips,
     iter_consumer_samples,
     mix_streams,
     parse_language_weights,
@@ -394,15 +394,7 @@ class ImageTextStream(IterableDataset):
         # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
         rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
         examples = self._examples(self._raw_samples(consumer, skips, rng), skips, rng)
-        # Each batch is held back until the next one is ready, so skips met after the last
-        # examples of a finite stream still ride on its last batch (as in stage 1).
-        pending: list[dict[str, Any]] | None = None
-        for group in batched(examples, self.batch_size, keep_partial=not self.decoder.train):
-            if pending is not None:
-                yield self._collate(pending, skips.take())
-            pending = group
-        if pending is not None:
-            yield self._collate(pending, skips.take())
+        yield from batches_with_skips(examples, self.batch_size, not self.decoder.train, skips, self._collate)
 
     def _raw_samples(
         self, consumer: Consumer, skips: SkipCounter, rng: random.Random

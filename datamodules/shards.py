@@ -466,6 +466,27 @@ def batched(stream: Iterable[T], batch_size: int, keep_partial: bool) -> Iterato
         yield batch
 
 
+def batches_with_skips(
+    stream: Iterable[T],
+    batch_size: int,
+    keep_partial: bool,
+    skips: "SkipCounter",
+    collate: Callable[[list[T], dict[str, int]], dict[str, Any]],
+) -> Iterator[dict[str, Any]]:
+    """Collated batches, each carrying the skip counts since the previous one.
+
+    Each batch is held back until the next one is ready, so skips met after the last items
+    of a finite stream (a truncated final shard, say) still ride on its last batch.
+    """
+    pending: list[T] | None = None
+    for group in batched(stream, batch_size, keep_partial):
+        if pending is not None:
+            yield collate(pending, skips.take())
+        pending = group
+    if pending is not None:
+        yield collate(pending, skips.take())
+
+
 # ----------------------------------------------------------------------------- datamodule base
 
 

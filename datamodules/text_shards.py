@@ -32,7 +32,7 @@ from datamodules.shards import (
     ShardSource,
     SkipCounter,
     Tokenizer,
-    batched,
+    batches_with_skips,
     is_language_code,
     iter_consumer_samples,
     mix_streams,
@@ -168,16 +168,8 @@ class TextPairStream(IterableDataset):
         consumer = Consumer.current(self.rank, self.world_size)
         skips = SkipCounter()
         pairs = self._train_pairs(consumer, skips) if self.train else self._val_pairs(consumer, skips)
-        # Training batches are always full: the stream never ends. Each batch is held back
-        # until the next one is ready, so skips met after the last pairs of a finite stream
-        # (a truncated final shard, say) still ride on its last batch.
-        pending: list[TextPair] | None = None
-        for pairs_of_batch in batched(pairs, self.batch_size, keep_partial=not self.train):
-            if pending is not None:
-                yield self._collate(pending, skips.take())
-            pending = pairs_of_batch
-        if pending is not None:
-            yield self._collate(pending, skips.take())
+        # Training batches are always full: the stream never ends.
+        yield from batches_with_skips(pairs, self.batch_size, not self.train, skips, self._collate)
 
     def _samples(
         self, source_index: int, consumer: Consumer, skips: SkipCounter
