@@ -144,7 +144,8 @@ class Stage1Alignment(StageModule):
         if self.trainer.sanity_checking or not outputs:
             return
         for name, value in retrieval_recall(outputs, pool_size=self.cfg.eval.retrieval_pool).items():
-            self.log(f"val/{name}", value, rank_zero_only=True)
+            # Every rank computed the same figures from the gathered features: averaging is a no-op.
+            self.log(f"val/{name}", value, sync_dist=True)
 
 
 def retrieval_recall(outputs: list[dict[str, Any]], pool_size: int) -> dict[str, float]:
