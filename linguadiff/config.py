@@ -68,27 +68,27 @@ def _closest(key: str, known: Sequence[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted paths of every key, leaves and interior nodes alike."""
+def _key_paths(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted paths of every key, interior nodes and leaves alike."""
     keys = []
     for key in cfg.keys():
         path = f"{prefix}{key}"
         keys.append(path)
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
-            keys.extend(_leaf_keys(node, path + "."))
+            keys.extend(_key_paths(node, path + "."))
     return keys
 
 
 def _open_maps(schema: DictConfig) -> set[str]:
     """Dicts whose keys are free-form (language weights and the like): marked `{}` in base.yaml."""
-    return {k for k in _leaf_keys(schema) if isinstance(OmegaConf.select(schema, k), DictConfig) and not OmegaConf.select(schema, k)}
+    return {k for k in _key_paths(schema) if isinstance(node := _node_at(schema, k), DictConfig) and len(node) == 0}
 
 
 def _check_keys(layer: DictConfig, schema: DictConfig, source: str) -> None:
-    known = _leaf_keys(schema)
+    known = _key_paths(schema)
     known_set, open_maps = set(known), _open_maps(schema)
-    for key in _leaf_keys(layer):
+    for key in _key_paths(layer):
         if key in known_set or any(key.startswith(m + ".") for m in open_maps):
             continue
         parent = key.rsplit(".", 1)[0] if "." in key else None
@@ -102,7 +102,7 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 
 def _check_types(layer: DictConfig, schema: DictConfig, source: str) -> None:
     """A value must have the type of its default; null, ??? and ${...} defaults accept anything."""
-    for key in _leaf_keys(layer):
+    for key in _key_paths(layer):
         default, value = _node_at(schema, key), _node_at(layer, key)
         if default is None or value is None:
             continue
@@ -227,7 +227,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     """Resolve interpolations and check that nothing required (``???``) is left unset."""
     cfg = cfg.copy()
     OmegaConf.resolve(cfg)
-    missing = [k for k in _leaf_keys(cfg) if _node_at(cfg, k) is not None and _node_at(cfg, k)._is_missing()]
+    missing = [k for k in _key_paths(cfg) if _node_at(cfg, k) is not None and _node_at(cfg, k)._is_missing()]
     if missing:
         raise ConfigError(f"config key '{missing[0]}' must be set (on the command line: {missing[0]}=...)")
     return cfg
