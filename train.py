@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import lightning as L
 
     from callbacks.export import RunExport
+    from callbacks.preemption import PreemptionHandler
     from callbacks.progress import ThroughputLogger
     from callbacks.sample_images import SampleImages
     from datamodules import build_datamodule
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     callbacks = [ThroughputLogger(cfg.trainer.log_every_n_steps * 5, unit="prompts" if cfg.stage == 1 else "images"),
-                 RunExport(cfg, run.export)]
+                 RunExport(cfg, run.export), PreemptionHandler()]
     if cfg.stage > 1:
         callbacks.append(SampleImages(cfg, run.root / "samples"))
     trainer = build_trainer(cfg, run, callbacks)

@@ -46,6 +46,10 @@ class RunExport(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step < trainer.max_steps:  # stopped early (preempted): not a finished run
+            log.info("Stopped at step %d of %d: no export until the run finishes (rerun to resume)",
+                     trainer.global_step, trainer.max_steps)
+            return
         metadata = adapter_metadata(self.cfg, trainer.global_step)
         pl_module.export(self.export_dir, metadata)
         write_model_card(self.export_dir, self.cfg, metadata)

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from linguadiff.config import ConfigError
@@ -142,7 +143,13 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback]) -> 
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    plugins = []
+    if SLURMEnvironment.detect():
+        # Our PreemptionHandler stops and requeues on SIGUSR1; Lightning's own SLURM requeue
+        # would save a second, differently named checkpoint that our relaunch never reads.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
+        plugins=plugins,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,

@@ -1,0 +1,66 @@
+"""Stop cleanly when the cluster asks: SIGUSR1 -> checkpoint at the next step -> requeue.
+
+SLURM sends SIGUSR1 shortly before a job's time limit or preemption (`#SBATCH
+--signal=B:USR1@120`). The handler only sets a flag (nothing else is safe inside a signal
+handler); at the next step boundary every rank agrees to stop (one rank's signal is enough),
+Lightning ends the fit, `RunCheckpoint` writes last.ckpt at that step, and the job is
+requeued with `scontrol requeue` when it runs under SLURM and scontrol exists (otherwise
+it just exits). Relaunching the same command resumes from that checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionHandler(L.Callback):
+    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+        self.signum = signum
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.requested = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._previous = signal.signal(self.signum, self._on_signal)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Every rank must stop at the same step, or the others hang in the next collective.
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                log.warning("Signal %s received: stopping at step %d with a checkpoint", signal.Signals(self.signum).name,
+                            trainer.global_step)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+        if self.stopped_at is not None and trainer.is_global_zero:
+            requeue()
+
+
+def requeue() -> None:
+    """Requeue this SLURM job (the relaunch resumes from run_dir); say so when that is not possible."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    job = job or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("Not under SLURM: checkpoint saved, exiting. Rerun the same command to resume.")
+        return
+    if shutil.which("scontrol") is None:
+        log.warning("SLURM job %s but no scontrol on PATH: checkpoint saved, not requeued.", job)
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.warning("Requeued SLURM job %s: it resumes from its run_dir when it starts again.", job)
+    else:
+        log.error("scontrol requeue %s failed (%s): resubmit the job to resume.", job, result.stderr.strip())

@@ -1,0 +1,65 @@
+"""SIGUSR1 (SLURM's warning before a time limit or preemption) -> a checkpoint at the next step
+and a clean exit; the same command then resumes from it."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train
+from tests.test_stage1_training import assets, scalars, tiny_args  # noqa: F401  (module fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """Read the child's output until `text` shows up (or fail after `timeout` seconds)."""
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            seen += line
+            if text in line:
+                return seen
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}; output so far:\n{seen[-3000:]}")
+
+
+def test_sigusr1_checkpoints_stops_and_resumes(assets, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    endless = {"trainer.max_steps": 1_000_000, "trainer.val_check_interval": 1_000_000, "checkpoint.every_n_steps": 1_000_000}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *tiny_args(assets, run_dir, **endless)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    _wait_for(proc, "step 10/", timeout=120)  # training is under way
+    started = time.monotonic()
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-3000:]
+    assert time.monotonic() - started < 60
+    assert "stopping at step" in output and "Not under SLURM" in output
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    stopped = ckpt["global_step"]
+    assert 10 <= stopped < 1_000_000
+    assert not (run_dir / "export" / "adapter.safetensors").exists()  # unfinished: nothing exported
+
+    # The same command with a reachable max_steps goes on from there, and finishes.
+    assert train.main(tiny_args(assets, run_dir, **{**endless, "trainer.max_steps": stopped + 3})) == 0
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == stopped + 3
+    assert (run_dir / "export" / "adapter.safetensors").is_file()
+    steps = [s for s, _ in scalars(run_dir, "train/loss")]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    assert max(steps) == stopped + 2  # steps are 0-based in the logs
