@@ -52,7 +52,7 @@ class RunExport(L.Callback):
             return
         metadata = adapter_metadata(self.cfg, trainer.global_step)
         pl_module.export(self.export_dir, metadata)
-        write_model_card(self.export_dir, self.cfg, metadata)
+        write_model_card(self.export_dir, self.cfg, metadata, pl_module.adapter.config)
         log.info("Exported stage %d (step %d) to %s", self.cfg.stage, trainer.global_step, self.export_dir)
 
 
@@ -60,7 +60,7 @@ STAGE_NAMES = {1: "text-only alignment to the base's CLIP features", 2: "end-to-
                3: "aesthetic fine-tuning"}
 
 
-def write_model_card(directory: Path, cfg: DictConfig, metadata: dict) -> None:
+def write_model_card(directory: Path, cfg: DictConfig, metadata: dict, adapter: dict) -> None:
     """export/README.md: what this is, how it was trained, how to load it."""
     has_unet = (directory / "unet").is_dir()
     trained = ", ".join(cfg.train.trainable)
@@ -83,8 +83,9 @@ def write_model_card(directory: Path, cfg: DictConfig, metadata: dict) -> None:
         "## Training settings",
         "",
         f"- LLM layers {list(cfg.llm.layers)} ({cfg.llm.layer_mix}), max {cfg.llm.max_length} tokens, dtype {cfg.llm.dtype}",
-        f"- adapter: width {cfg.adapter.dim}, {cfg.adapter.num_queries} queries, "
-        f"{cfg.adapter.encoder_layers}+{cfg.adapter.decoder_layers} layers, {cfg.adapter.heads} heads",
+        f"- adapter: width {adapter['dim']}, {adapter['num_queries']} queries, "
+        f"{adapter['encoder_layers']}+{adapter['decoder_layers']} layers, {adapter['heads']} heads"
+        + (f", pooled {adapter['pooled_dim']}" if adapter.get("pooled_dim") else ""),
         f"- AdamW lr {cfg.optim.lr}, weight decay {cfg.optim.weight_decay}, batch {cfg.data.batch_size} per device, "
         f"{cfg.trainer.devices} device(s) x {cfg.trainer.num_nodes} node(s), precision {cfg.trainer.precision}",
         f"- data: `{cfg.data.train.urls or [s.urls for s in cfg.data.train.sources]}`",

@@ -47,16 +47,7 @@ class Stage1Alignment(StageModule):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Stage1Alignment":
         """Load the LLM and the base's CLIP teacher (from_pretrained) and build a fresh adapter."""
-        text_encoder = LLMTextEncoder(
-            cfg.llm.path,
-            dtype=cfg.llm.dtype,
-            max_length=cfg.llm.max_length,
-            layers=tuple(cfg.llm.layers),
-            layer_mix=cfg.llm.layer_mix,
-            add_bos=cfg.llm.add_bos,
-            trust_remote_code=cfg.llm.trust_remote_code,
-            revision=cfg.llm.revision,
-        )
+        text_encoder = LLMTextEncoder.from_settings(cfg.llm)
         teacher = CLIPTeacher(cfg.model.path, kind=_teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
         a = cfg.adapter
         adapter = QueryAdapter(

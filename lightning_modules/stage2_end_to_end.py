@@ -58,11 +58,7 @@ class Stage2EndToEnd(StageModule):
         export = init_export(cfg, cls.init_stage)
         adapter, meta = QueryAdapter.from_file(export / "adapter.safetensors")
         check_handoff(cfg, meta, export)
-        text_encoder = LLMTextEncoder(
-            cfg.llm.path, dtype=cfg.llm.dtype, max_length=cfg.llm.max_length, layers=tuple(cfg.llm.layers),
-            layer_mix=cfg.llm.layer_mix, add_bos=cfg.llm.add_bos, trust_remote_code=cfg.llm.trust_remote_code,
-            revision=cfg.llm.revision,
-        )
+        text_encoder = LLMTextEncoder.from_settings(cfg.llm)
         m = cfg.model
         # Stage 3 continues the stage-2 UNet (its export); stage 2 starts from the base's.
         unet = load_unet(str(export / "unet"), subfolder=None) if (export / "unet").is_dir() else load_unet(m.path, revision=m.revision)

@@ -14,9 +14,8 @@ layers are an option here (``layers``, ``layer_mix``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -231,6 +230,20 @@ class LLMTextEncoder(nn.Module):
         self.layer_mix: LayerMix = layer_mix
         self.model_width = int(self.model.config.hidden_size)
         freeze(self)  # the wrapper too, so nothing added to it later can train by accident
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], path: str | None = None, dtype: str | None = None) -> "LLMTextEncoder":
+        """Build from the config's `llm` section or an export's `llm` metadata (same keys)."""
+        return cls(
+            path or settings["path"],
+            dtype=dtype or settings["dtype"],
+            max_length=settings["max_length"],
+            layers=tuple(settings["layers"]),
+            layer_mix=settings["layer_mix"],
+            add_bos=settings["add_bos"],
+            trust_remote_code=settings["trust_remote_code"],
+            revision=settings.get("revision"),
+        )
 
     @property
     def tokenizer(self) -> PromptTokenizer:

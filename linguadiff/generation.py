@@ -60,17 +60,7 @@ class AdapterTextEncoder(torch.nn.Module):
     def from_export(cls, adapter_path: str | Path, llm_path: str | None = None, dtype: str | None = None):
         """Rebuild from an exported adapter alone (its metadata names the LLM and layers)."""
         adapter, meta = QueryAdapter.from_file(adapter_path)
-        llm = meta["llm"]
-        text_encoder = LLMTextEncoder(
-            llm_path or llm["path"],
-            dtype=dtype or llm["dtype"],
-            max_length=llm["max_length"],
-            layers=tuple(llm["layers"]),
-            layer_mix=llm["layer_mix"],
-            add_bos=llm["add_bos"],
-            trust_remote_code=llm["trust_remote_code"],
-            revision=llm.get("revision"),
-        )
+        text_encoder = LLMTextEncoder.from_settings(meta["llm"], path=llm_path, dtype=dtype)
         return cls(text_encoder, adapter.eval().requires_grad_(False)), meta
 
     @torch.no_grad()
