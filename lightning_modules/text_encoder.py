@@ -96,7 +96,7 @@ class PromptTokenizer:
         limits = [tok.model_max_length]
         try:
             config = AutoConfig.from_pretrained(self.path_or_name, trust_remote_code=trust_remote_code, revision=revision)
-        except OSError:  # a folder with a tokenizer only: no model limit to honour
+        except (OSError, ValueError):  # a tokenizer-only folder (transformers 5 raises ValueError): no model limit
             config = None
         limits.append(getattr(config, "max_position_embeddings", None))
         return [n for n in limits if isinstance(n, int) and 0 < n < _SANE_LENGTH_LIMIT]

@@ -233,3 +233,13 @@ def test_frozen_module_stays_in_eval_through_lightning_fit() -> None:
                         enable_model_summary=False)
     trainer.fit(stage, loader, loader)
     assert stage.modes == [(False, True)] * 3
+
+
+def test_prompt_tokenizer_from_a_tokenizer_only_folder(tmp_path):
+    """A folder holding a tokenizer but no model config (transformers 5 raises ValueError there)."""
+    from linguadiff.offline_tokenizers import save_byte_tokenizer
+
+    save_byte_tokenizer(tmp_path, model_max_length=1024)
+    tokenizer = PromptTokenizer(str(tmp_path), max_length=8)
+    ids = tokenizer(["a red circle", "x"])["input_ids"]
+    assert ids.shape == (2, 8) and ids[0, 0].item() == tokenizer.bos_id
