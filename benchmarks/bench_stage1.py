@@ -28,13 +28,11 @@ import argparse
 import json
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -49,6 +47,7 @@ from lightning_modules.stage1_alignment import Stage1Alignment, _teacher_kind  #
 from lightning_modules.text_encoder import LLMTextEncoder, PromptTokenizer, torch_dtype  # noqa: E402
 from linguadiff.config import load_config, resolve  # noqa: E402
 from linguadiff.offline_tokenizers import save_byte_tokenizer, save_clip_tokenizer  # noqa: E402
+from timing import Row, count_flops, finish_args, measure, setup_torch  # noqa: E402
 
 # Qwen2.5-7B's config.json, but a 32000-token vocabulary: the embedding table costs memory,
 # not compute (a lookup), and the benchmark never reads the LM head.
@@ -229,49 +228,6 @@ def pad_to(tokens: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[st
 
 # ---------------------------------------------------------------------------- timing
 
-@dataclass
-class Row:
-    name: str
-    prompts_per_s: float
-    ms_per_step: float
-    ms_spread: tuple[float, float]  # fastest, slowest timed step
-    peak_gib: float | None  # torch.cuda.max_memory_allocated during the row (all resident models included)
-    tflops: float | None  # achieved, from torch's FLOP counter on one eager step (matmuls and attention)
-
-
-def measure(name: str, step: Callable[[], object], batch: int, args, device: torch.device,
-            flops: float | None) -> Row:
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.iters):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    row = Row(name, batch / median, 1000 * median, (1000 * min(times), 1000 * max(times)), peak,
-              flops / median / 1e12 if flops else None)
-    print(f"  measured {name}: {row.prompts_per_s:.1f} prompts/s", flush=True)
-    return row
-
-
-def count_flops(step: Callable[[], object]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return float(counter.get_total_flops())
-
-
 # ---------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -296,27 +252,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
-    args = p.parse_args(argv)
-    if args.tiny and args.preset != "sdxl-7b":
-        p.error("--tiny runs the sdxl-7b code path: use it with --preset sdxl-7b")
-    default_device = "cuda" if args.preset == "sdxl-7b" and not args.tiny else "cpu"
-    args.device = torch.device(args.device or default_device)
-    on_gpu = args.device.type == "cuda"
-    args.iters = args.iters if args.iters is not None else (10 if on_gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    return args
+    return finish_args(p, p.parse_args(argv), gpu_iters=10, gpu_warmup=3)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = args.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    rng = setup_torch(args)
 
     overrides = list(PRESETS[args.preset]) + (TINY_ADAPTER if args.tiny else [])
     if args.max_length:
@@ -400,18 +342,18 @@ def main(argv: list[str] | None = None) -> dict:
         rows, flops = [], {}
         for name, step in plan:
             flops[name] = None if args.no_flops else count_flops(step)
-            rows.append(measure(name, step, batch, args, device, flops[name]))
+            rows.append(measure(name, step, batch, args, device, count=False, flops=flops[name]))
         if args.compile:
             module.adapter = torch.compile(adapter)
             started_compile = time.perf_counter()
             adapter_step()  # compiles; the timed rows below then reuse it
             print(f"  torch.compile of the adapter: {time.perf_counter() - started_compile:.1f} s to first step")
-            rows.append(measure("3c adapter train step, compiled", adapter_step, batch, args, device, flops[plan[2][0]]))
-            rows.append(measure("5 full stage-1 step, adapter compiled", full_step, batch, args, device, flops[plan[3][0]]))
+            rows.append(measure("3c adapter train step, compiled", adapter_step, batch, args, device, count=False, flops=flops[plan[2][0]]))
+            rows.append(measure("5 full stage-1 step, adapter compiled", full_step, batch, args, device, count=False, flops=flops[plan[3][0]]))
 
-    reference = rows[0].prompts_per_s
+    reference = rows[0].samples_per_s
     by_key = {r.name.split(" ")[0]: r for r in rows}
-    ratios = {f"{k}/1": by_key[k].prompts_per_s / reference for k in ("4", "5") if k in by_key}
+    ratios = {f"{k}/1": by_key[k].samples_per_s / reference for k in ("4", "5") if k in by_key}
     info = {
         "preset": args.preset + (" --tiny" if args.tiny else ""),
         "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, "
@@ -452,7 +394,7 @@ def print_table(info: dict, rows: list[Row], ratios: dict[str, float]) -> None:
         peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
         tflops = f"{r.tflops:.2f}" if r.tflops is not None else "-"
         spread = f"{r.ms_spread[0]:.1f}..{r.ms_spread[1]:.1f}"
-        print(f"{r.name:<40} {r.prompts_per_s:>10.1f} {r.ms_per_step:>9.1f} {spread:>15} {peak:>9} {tflops:>8}")
+        print(f"{r.name:<40} {r.samples_per_s:>10.1f} {r.ms_per_step:>9.1f} {spread:>15} {peak:>9} {tflops:>8}")
     for key, value in ratios.items():
         print(f"{'ratio row ' + key + ' (target >= 0.90)':<40} {value:>10.2f}")
 

@@ -37,7 +37,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data workers tok
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -45,7 +44,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -55,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_stage1 import QWEN25_7B, TINY_LLM, _InMemoryTextEncoder, count_flops, synthetic_prompts  # noqa: E402
+from bench_stage1 import QWEN25_7B, TINY_LLM, _InMemoryTextEncoder, synthetic_prompts  # noqa: E402
+from timing import Row, finish_args, free_memory, measure, setup_torch, sync  # noqa: E402
 from datamodules import build_datamodule  # noqa: E402
 from lightning_modules.adapter import QueryAdapter  # noqa: E402
 from lightning_modules.diffusion import (  # noqa: E402
@@ -216,68 +216,6 @@ def synthetic_batch(module: Stage2EndToEnd, size: int, resolution: int, latent_s
 
 # ---------------------------------------------------------------------------- timing
 
-@dataclass
-class Row:
-    name: str
-    samples_per_s: float | None  # images (or prompts, for the LLM and adapter rows) per second
-    ms_per_step: float | None
-    ms_spread: tuple[float, float] | None  # fastest, slowest timed step
-    peak_gib: float | None  # torch.cuda.max_memory_allocated during the row (resident models included)
-    tflops: float | None  # achieved, from torch's FLOP counter on one eager step (matmuls, convs, attention)
-    note: str = ""
-
-
-def free_memory(optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(name: str, step: Callable[[], object], batch: int, args, device: torch.device, optimizer,
-            count: bool = True, flops: float | None = None) -> Row:
-    """Warm-up steps, then ``--iters`` steps each timed between synchronizations; the median.
-
-    A row that runs out of GPU memory is reported as such and the next row still runs.
-    """
-    cuda = device.type == "cuda"
-    print(f"  row {name} ...", flush=True)
-    started = time.perf_counter()
-    try:
-        free_memory(optimizer)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        if count and flops is None and not args.no_flops:
-            flops = count_flops(step)
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.iters):
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-    except torch.cuda.OutOfMemoryError:
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        row = Row(name, None, None, None, peak, None, "out of memory")
-    else:
-        median = statistics.median(times)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-        row = Row(name, batch / median, 1000 * median, (1000 * min(times), 1000 * max(times)), peak,
-                  flops / median / 1e12 if flops else None)
-    free_memory(optimizer)
-    rate = f"{row.samples_per_s:.2f}/s, {row.ms_per_step:.1f} ms/step" if row.samples_per_s else row.note
-    peak = f", peak {row.peak_gib:.1f} GiB" if row.peak_gib is not None else ""
-    print(f"  measured {name}: {rate}{peak} ({time.perf_counter() - started:.1f} s)", flush=True)
-    return row
-
-
 class PartTimer:
     """Seconds per part of one step: synchronizes the device at each boundary (so the GPU's
     queue is drained and each part is charged its own kernels)."""
@@ -325,20 +263,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here (rewritten after every row)")
-    args = p.parse_args(argv)
-    if args.tiny and args.preset != "sdxl-7b":
-        p.error("--tiny runs the sdxl-7b code path: use it with --preset sdxl-7b")
+    args = finish_args(p, p.parse_args(argv), gpu_iters=5, gpu_warmup=2)
     args.loader = args.loader or args.loader_only
     if args.loader and args.preset != "demo":
         p.error("--loader times the demo preset's image-text loader: use it with --preset demo "
                 "(and --loader-urls for other shards)")
     if args.cached_latents and args.preset == "demo":
         p.error("--cached-latents: the demo's pixel-space base has no VAE, so it has no latents to cache")
-    default_device = "cuda" if args.preset == "sdxl-7b" and not args.tiny else "cpu"
-    args.device = torch.device(args.device or default_device)
-    on_gpu = args.device.type == "cuda"
-    args.iters = args.iters if args.iters is not None else (5 if on_gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (2 if on_gpu else 1)
     return args
 
 
@@ -346,13 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = args.device
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    rng = setup_torch(args)
 
     overrides = list(PRESETS[args.preset]) + (TINY_ADAPTER if args.tiny else [])
     if args.gradient_checkpointing:
