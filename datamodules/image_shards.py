@@ -52,12 +52,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import IterableDataset
 
 from datamodules.shards import (
     Consumer,
     ShardDataModule,
     ShardSource,
+    ShardStream,
     SkipCounter,
     Tokenizer,
     batches_with_skips,
@@ -358,7 +358,7 @@ class ImageTextDecoder:
         return caption, lang
 
 
-class ImageTextStream(IterableDataset):
+class ImageTextStream(ShardStream):
     """Batches of examples from shard sources; one instance per DataLoader.
 
     Everything runs in the DataLoader workers: reading, shuffling, decoding, batching and
@@ -366,27 +366,11 @@ class ImageTextStream(IterableDataset):
     1024 px float images would cost 12 MB per entry.
     """
 
-    def __init__(
-        self,
-        sources: Sequence[ShardSource],
-        decoder: ImageTextDecoder,
-        *,
-        batch_size: int,
-        seed: int,
-        shuffle_buffer: int,
-        tokenizers: Mapping[str, Tokenizer] | None,
-        rank: int,
-        world_size: int,
-    ):
-        super().__init__()
-        self.sources = list(sources)
+    tokenized_fields = TOKENIZED_FIELDS
+
+    def __init__(self, sources: Sequence[ShardSource], decoder: ImageTextDecoder, **common: Any):
+        super().__init__(sources, **common)
         self.decoder = decoder
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.tokenizers = dict(tokenizers or {})
-        self.rank = rank
-        self.world_size = world_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         consumer = Consumer.current(self.rank, self.world_size)
@@ -435,12 +419,8 @@ class ImageTextStream(IterableDataset):
             rejected_in_a_row = 0
             yield example
 
-    def _collate(self, examples: list[dict[str, Any]], skipped: dict[str, int]) -> dict[str, Any]:
-        batch = collate_examples(examples)
-        batch["skipped"] = skipped
-        for role, tokenize in self.tokenizers.items():
-            batch[f"{role}_tokens"] = tokenize(batch[TOKENIZED_FIELDS[role]])
-        return batch
+    def _collate_items(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_examples(examples)
 
 
 # ----------------------------------------------------------------------------- datamodule

@@ -487,6 +487,47 @@ def batches_with_skips(
         yield collate(pending, skips.take())
 
 
+class ShardStream(IterableDataset):
+    """What the text and image-text streams share: their sources and batching settings, the
+    rank they read for, and batches finished in the worker (skip counts, tokens).
+
+    A subclass sets `tokenized_fields` (tokenizer role -> the batch field it reads) and
+    implements `__iter__` and `_collate_items` (items -> batch dict).
+    """
+
+    tokenized_fields: Mapping[str, str] = {}
+
+    def __init__(
+        self,
+        sources: Sequence[ShardSource],
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        tokenizers: Mapping[str, Tokenizer] | None,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        super().__init__()
+        self.sources = list(sources)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.tokenizers = dict(tokenizers or {})
+        self.rank = rank
+        self.world_size = world_size
+
+    def _collate_items(self, items: list[Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _collate(self, items: list[Any], skipped: dict[str, int]) -> dict[str, Any]:
+        batch = self._collate_items(items)
+        batch["skipped"] = skipped
+        for role, tokenize in self.tokenizers.items():
+            batch[f"{role}_tokens"] = tokenize(batch[self.tokenized_fields[role]])
+        return batch
+
+
 # ----------------------------------------------------------------------------- datamodule base
 
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
-from torch.utils.data import IterableDataset
 
 from datamodules.shards import (
     Consumer,
     ShardDataModule,
     ShardSource,
+    ShardStream,
     SkipCounter,
     Tokenizer,
     batches_with_skips,
@@ -132,37 +132,27 @@ def decode_text_sample(
     return TextSample(key=key, captions=captions)
 
 
-class TextPairStream(IterableDataset):
+class TextPairStream(ShardStream):
     """Batches of caption pairs from shard sources; one instance per DataLoader.
 
     Everything here runs in the DataLoader workers: reading, decoding, shuffling, drawing
     languages, batching and tokenizing; the main process only receives finished batches.
     """
 
+    tokenized_fields = {"teacher": "teacher_text", "student": "student_text"}
+
     def __init__(
         self,
         sources: Sequence[ShardSource],
         *,
         train: bool,
-        batch_size: int,
         language_weights: Mapping[str, float],
-        seed: int,
-        shuffle_buffer: int,
-        tokenizers: Mapping[str, Tokenizer] | None,
-        rank: int,
-        world_size: int,
+        **common: Any,
     ):
-        super().__init__()
-        self.sources = list(sources)
+        super().__init__(sources, **common)
         self.train = train
-        self.batch_size = batch_size
         self.language_weights = dict(language_weights)
         self.extra_codes = frozenset(language_weights)
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.tokenizers = dict(tokenizers or {})
-        self.rank = rank
-        self.world_size = world_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         consumer = Consumer.current(self.rank, self.world_size)
@@ -211,17 +201,13 @@ class TextPairStream(IterableDataset):
                 for lang, text in sample.captions.items():
                     yield TextPair(english, text, lang, sample.key)
 
-    def _collate(self, pairs: list[TextPair], skipped: dict[str, int]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
+    def _collate_items(self, pairs: list[TextPair]) -> dict[str, Any]:
+        return {
             "teacher_text": [pair.teacher_text for pair in pairs],
             "student_text": [pair.student_text for pair in pairs],
             "lang": [pair.lang for pair in pairs],
             "key": [pair.key for pair in pairs],
-            "skipped": skipped,
         }
-        for role, tokenize in self.tokenizers.items():
-            batch[f"{role}_tokens"] = tokenize(batch[f"{role}_text"])
-        return batch
 
 
 class TextShardsDataModule(ShardDataModule):
