@@ -71,7 +71,7 @@ class SampleImages(L.Callback):
                 generator.pipeline.set_progress_bar_config(disable=True)
                 prompts = list(s.prompts)
                 drawn = generator(prompts, negative_prompt=s.negative_prompt, num_images=s.num_images, seed=s.seed,
-                                  batch_size=max(1, self.cfg.data.val_batch_size // 4))
+                                  batch_size=self.cfg.data.batch_size)  # what fits for training fits for sampling
         finally:
             pl_module.train(module_mode)
         rows = [[im for i, _, im in drawn if i == p] for p in range(len(prompts))]

@@ -341,7 +341,7 @@ def _fields(lang: str, scene: Scene, rng: random.Random) -> dict[str, str]:
 
 
 def _tidy(text: str) -> str:
-    return " ".join(text.split()).replace(" ,", ",").replace("  ", " ").strip(" ,")
+    return " ".join(text.split()).replace(" ,", ",").strip(" ,")
 
 
 def caption(lang: str, scene: Scene, rng: random.Random, details: tuple[str, ...] = (), long: bool = False) -> str:
