@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                  RunExport(cfg, run.export), PreemptionHandler()]
     if cfg.stage > 1:
         callbacks.append(SampleImages(cfg, run.root / "samples"))
-    trainer = build_trainer(cfg, run, callbacks)
+    try:
+        trainer = build_trainer(cfg, run, callbacks, module)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.checkpoint) if run.checkpoint else None)
     return 0
 

@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
             with amp():
                 loss = module.alignment(student, target)["loss"]
                 if empty_weight > 0:
-                    empty = module.alignment(module.adapter(*module._empty_student_in), module._empty_target)
+                    empty_in, empty_target = module._empty_prompt()
+                    empty = module.alignment(module.adapter(*empty_in), empty_target)
                     loss = loss + empty_weight * empty["loss"]
             loss.backward()
             optimizer.step()

@@ -15,7 +15,7 @@ The measured code is the project's: ``Stage2EndToEnd`` built around the parts (w
 what trains, gradient checkpointing, the loss options and the EMA), its ``to_model_space``,
 ``_conditioning`` (``encode_prompts`` with ``length_groups``), ``diffusion_loss``,
 ``configure_optimizers`` (fused AdamW on a GPU), ``configure_gradient_clipping`` and
-``ema.step``; sizes come from the config (``stage=2 model=sdxl llm=qwen2.5-7b``, or the
+the EMA update; sizes come from the config (``stage=2 model=sdxl llm=qwen2.5-7b``, or the
 demo defaults). A bare ``lightning.Trainer`` is attached only so that
 ``configure_optimizers`` can read the precision; no fit loop runs, so ``self.log`` is left
 out of the timed step (it costs nothing on one device).
@@ -330,8 +330,6 @@ def main(argv: list[str] | None = None) -> dict:
         module.trainer = bare_trainer(device, autocast)  # configure_optimizers reads the precision
         module.on_fit_start()  # asserts the trainable set
         optimizer = module.configure_optimizers()["optimizer"]
-        if args.no_ema:
-            module.ema.shadow = []
         clip = float(cfg.trainer.gradient_clip_val or 0)
         build_s = time.perf_counter() - started
         print(f"built in {build_s:.1f} s", flush=True)
@@ -343,10 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
             """What Lightning does after backward: clip, step, zero_grad; then Stage2EndToEnd.optimizer_step's EMA."""
             if clip:
                 module.configure_gradient_clipping(optimizer, clip, "norm")
+            initial = None if args.no_ema else module.ema.before_step(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not args.no_ema:
-                module.ema.step(module)
+                module.ema.after_step(optimizer, initial)
 
         # ------------------------------------------------ data
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else (

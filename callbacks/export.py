@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+from lightning_modules.base import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,17 @@ class RunExport(L.Callback):
         self.cfg = cfg
         self.export_dir = Path(export_dir)
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step < trainer.max_steps:  # stopped early (preempted): not a finished run
-            log.info("Stopped at step %d of %d: no export until the run finishes (rerun to resume)",
-                     trainer.global_step, trainer.max_steps)
+            if trainer.is_global_zero:
+                log.info("Stopped at step %d of %d: no export until the run finishes (rerun to resume)",
+                         trainer.global_step, trainer.max_steps)
             return
         metadata = adapter_metadata(self.cfg, trainer.global_step)
-        pl_module.export(self.export_dir, metadata)
-        write_model_card(self.export_dir, self.cfg, metadata, pl_module.adapter.config)
-        log.info("Exported stage %d (step %d) to %s", self.cfg.stage, trainer.global_step, self.export_dir)
+        pl_module.export(self.export_dir, metadata)  # on every rank: FSDP gathers shards for rank 0
+        if trainer.is_global_zero:
+            write_model_card(self.export_dir, self.cfg, metadata, unwrap(pl_module.adapter).config)
+            log.info("Exported stage %d (step %d) to %s", self.cfg.stage, trainer.global_step, self.export_dir)
 
 
 STAGE_NAMES = {1: "text-only alignment to the base's CLIP features", 2: "end-to-end image-text training",

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from PIL import Image
 
 from linguadiff.generation import AdapterTextEncoder, Generator, make_scheduler, pipeline_from_components
+from linguadiff.strategy import is_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,16 @@ class SampleImages(L.Callback):
         if self.every > 0 and trainer.global_step % self.every:
             self.draw(trainer, pl_module)
 
-    @rank_zero_only
-    def draw(self, trainer: L.Trainer, pl_module) -> Path:
+    def draw(self, trainer: L.Trainer, pl_module) -> Path | None:
+        """Rank 0 draws and saves; under FSDP every rank runs the same forward passes (each
+        layer's weights are gathered from all ranks) and rank 0 saves."""
+        if not (trainer.is_global_zero or is_fsdp(trainer.strategy)):
+            return None
         s, g = self.cfg.samples, self.cfg.generate
         module_mode = pl_module.training
         pl_module.eval()
         try:
-            with pl_module.ema.applied(pl_module):
+            with pl_module.ema_weights():
                 generator = Generator(
                     encoder=AdapterTextEncoder(pl_module.text_encoder, pl_module.adapter),
                     pipeline=pipeline_from_components(
@@ -74,6 +77,8 @@ class SampleImages(L.Callback):
                                   batch_size=self.cfg.data.batch_size)  # what fits for training fits for sampling
         finally:
             pl_module.train(module_mode)
+        if not trainer.is_global_zero:
+            return None
         rows = [[im for i, _, im in drawn if i == p] for p in range(len(prompts))]
         grid = image_grid(rows)
         self.out_dir.mkdir(parents=True, exist_ok=True)

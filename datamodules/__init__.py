@@ -41,15 +41,18 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
     if cfg.stage == 1:
         from datamodules.text_shards import TextShardsDataModule
 
-        return TextShardsDataModule(**common)
-    from datamodules.image_shards import ImageTextDataModule
+        datamodule = TextShardsDataModule(**common)
+    else:
+        from datamodules.image_shards import ImageTextDataModule
 
-    return ImageTextDataModule(
-        resolution=cfg.model.resolution,
-        caption_dropout=d.caption_dropout,
-        random_crop=d.random_crop,
-        random_flip=d.random_flip,
-        min_size=d.min_size,
-        min_aesthetic=d.min_aesthetic,
-        **common,
-    )
+        datamodule = ImageTextDataModule(
+            resolution=cfg.model.resolution,
+            caption_dropout=d.caption_dropout,
+            random_crop=d.random_crop,
+            random_flip=d.random_flip,
+            min_size=d.min_size,
+            min_aesthetic=d.min_aesthetic,
+            **common,
+        )
+    datamodule.even_val_batches = cfg.trainer.strategy == "fsdp"
+    return datamodule

@@ -373,12 +373,14 @@ class ImageTextStream(ShardStream):
         self.decoder = decoder
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        consumer = Consumer.current(self.rank, self.world_size)
+        train = self.decoder.train
+        reader, consumer = self._consumers(train)
         skips = SkipCounter()
         # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
         rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
-        examples = self._examples(self._raw_samples(consumer, skips, rng), skips, rng)
-        yield from batches_with_skips(examples, self.batch_size, not self.decoder.train, skips, self._collate)
+        examples = self._examples(self._raw_samples(reader, skips, rng), skips, rng)
+        batches = batches_with_skips(examples, self.batch_size, not train, skips, self._collate)
+        yield from self._share(batches, train, consumer)
 
     def _raw_samples(
         self, consumer: Consumer, skips: SkipCounter, rng: random.Random

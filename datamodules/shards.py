@@ -487,6 +487,27 @@ def batches_with_skips(
         yield collate(pending, skips.take())
 
 
+def even_share(batches: Iterable[dict[str, Any]], consumer: Consumer) -> Iterator[dict[str, Any]]:
+    """This consumer's share of batches every consumer formed alike, in equal numbers.
+
+    Consumer i keeps batches i, i + C, ...; at the end every consumer has seen the total and
+    tops its share up to ceil(total / C) with copies of its last batch flagged
+    `padding=True` (steps run them, metrics skip them). Under FSDP every rank must run as
+    many forward passes as the others (each pass gathers weights from all ranks), so its
+    validation cannot end one batch early on one rank. Skip counts ride on the batch they
+    came with, so each is reported once, by the consumer that keeps it.
+    """
+    total, kept, last = 0, 0, None
+    for index, batch in enumerate(batches):
+        total += 1
+        if index % consumer.count == consumer.index:
+            kept += 1
+            yield batch
+        last = batch
+    for _ in range(-(-total // consumer.count) - kept):
+        yield {**last, "padding": True, "skipped": {}}
+
+
 class ShardStream(IterableDataset):
     """What the text and image-text streams share: their sources and batching settings, the
     rank they read for, and batches finished in the worker (skip counts, tokens).
@@ -507,8 +528,10 @@ class ShardStream(IterableDataset):
         tokenizers: Mapping[str, Tokenizer] | None,
         rank: int,
         world_size: int,
+        even_batches: bool = False,
     ) -> None:
         super().__init__()
+        self.even_batches = even_batches  # finite streams: the same number of batches per consumer
         self.sources = list(sources)
         self.batch_size = batch_size
         self.seed = seed
@@ -519,6 +542,15 @@ class ShardStream(IterableDataset):
 
     def _collate_items(self, items: list[Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _consumers(self, train: bool) -> tuple[Consumer, Consumer]:
+        """(who reads, who this is): with `even_batches`, a finite stream is read whole by
+        every consumer and shared out by `even_share` after batching."""
+        consumer = Consumer.current(self.rank, self.world_size)
+        return (Consumer() if self.even_batches and not train else consumer), consumer
+
+    def _share(self, batches: Iterator[dict[str, Any]], train: bool, consumer: Consumer) -> Iterator[dict[str, Any]]:
+        return even_share(batches, consumer) if self.even_batches and not train else batches
 
     def _collate(self, items: list[Any], skipped: dict[str, int]) -> dict[str, Any]:
         batch = self._collate_items(items)
@@ -565,6 +597,8 @@ class ShardDataModule(L.LightningDataModule):
         self.tokenizers: dict[str, Tokenizer] = {}
         self.train_sources: list[ShardSource] | None = None
         self.val_sources: list[ShardSource] | None = None
+        # FSDP: every rank must get as many validation batches as the others (`even_share`).
+        self.even_val_batches = False
 
     def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
         """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
@@ -612,6 +646,7 @@ class ShardDataModule(L.LightningDataModule):
         rank, world_size = distributed_rank_and_world()
         batch_size = self.batch_size if train else self.val_batch_size
         stream = self._stream(sources, train=train, batch_size=batch_size, rank=rank, world_size=world_size)
+        stream.even_batches = self.even_val_batches and not train
         # batch_size=None: the workers already return whole batches.
         return DataLoader(
             stream,

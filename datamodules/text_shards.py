@@ -155,11 +155,12 @@ class TextPairStream(ShardStream):
         self.extra_codes = frozenset(language_weights)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        consumer = Consumer.current(self.rank, self.world_size)
+        reader, consumer = self._consumers(self.train)
         skips = SkipCounter()
-        pairs = self._train_pairs(consumer, skips) if self.train else self._val_pairs(consumer, skips)
+        pairs = self._train_pairs(reader, skips) if self.train else self._val_pairs(reader, skips)
         # Training batches are always full: the stream never ends.
-        yield from batches_with_skips(pairs, self.batch_size, not self.train, skips, self._collate)
+        batches = batches_with_skips(pairs, self.batch_size, not self.train, skips, self._collate)
+        yield from self._share(batches, self.train, consumer)
 
     def _samples(
         self, source_index: int, consumer: Consumer, skips: SkipCounter

@@ -7,13 +7,17 @@ What it owns, so the stages don't repeat it:
 - checkpoints that hold only what trains (a frozen 7B LLM is loaded again from its source,
   never copied into every checkpoint);
 - AdamW with warm-up then cosine decay, on the trainable parameters only;
-- the bad-sample counts the data workers attach to each batch, summed and logged.
+- the bad-sample counts the data workers attach to each batch, summed and logged;
+- what differs under FSDP: clipping over all shards, gathering shards for export,
+  checkpoints read back by the strategy (linguadiff/strategy.py).
 """
 from __future__ import annotations
 
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from torch import nn
 
 from lightning_modules.frozen import freeze
 from linguadiff.config import ConfigError
+from linguadiff.strategy import is_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,19 @@ class StageModule(L.LightningModule):
             else:
                 freeze(child)
 
+    def apply_speed_options(self) -> None:
+        """`speed.compile` (parts compiled in place: their weight names, and so checkpoints,
+        stay the same) and `speed.channels_last` (the UNet's convolutions)."""
+        sp = self.cfg.speed
+        children = dict(self.named_children())
+        for name in sp.compile:
+            if name not in children:
+                raise ConfigError(f"config key 'speed.compile' names {name!r}, which stage {self.cfg.stage} does not have; "
+                                  f"its parts are {sorted(children)}")
+            children[name].compile(mode=None if sp.compile_mode == "default" else sp.compile_mode)
+        if sp.channels_last and "unet" in children:
+            children["unet"].to(memory_format=torch.channels_last)
+
     def trainable_report(self) -> list[tuple[str, int, int]]:
         """(child, parameters, trainable parameters) for every child module."""
         return [
@@ -62,10 +80,17 @@ class StageModule(L.LightningModule):
             for name, child in self.named_children()
         ]
 
+    @property
+    def sharded(self) -> bool:
+        """Under FSDP: every rank must run the same forward calls (no per-rank shortcuts)."""
+        return self._trainer is not None and is_fsdp(self.trainer.strategy)
+
     def on_fit_start(self) -> None:
         report = self.trainable_report()
         lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'trains' if n else 'frozen'}" for name, total, n in report]
-        log.info("Stage %d parts (parameters, state):\n%s", self.cfg.stage, "\n".join(lines))
+        if self._trainer is None or self.trainer.is_global_zero:
+            log.info("Stage %d parts (parameters%s, state):\n%s", self.cfg.stage,
+                     " of this rank's FSDP shards" if self.sharded else "", "\n".join(lines))
         training = {name for name, _, n in report if n}
         partly = [name for name, total, n in report if 0 < n < total]
         expected = set(self.cfg.train.trainable)
@@ -86,12 +111,14 @@ class StageModule(L.LightningModule):
         checkpoint["skipped_samples"] = dict(self.skipped)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped = Counter(checkpoint.get("skipped_samples", {}))
+        if "state_dict" not in checkpoint:  # sharded (FSDP): the strategy has read the weights it holds
+            return
         frozen = self._frozen_prefixes()
         needed = {k for k in self.state_dict() if not k.startswith(frozen)}
         missing = sorted(needed - set(checkpoint["state_dict"]))
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}: it is not from this stage")
-        self.skipped = Counter(checkpoint.get("skipped_samples", {}))
 
     # ------------------------------------------------------------------ optimisation
 
@@ -123,9 +150,19 @@ class StageModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip directly for fused optimizers: Lightning's mixed-precision plugin refuses them
+        """Clip over all shards under FSDP (Lightning's FSDP plugin refuses norm clipping).
+
+        Clip directly for fused optimizers: Lightning's mixed-precision plugin refuses them
         because, with an fp16 grad scaler, they unscale internally. Under bf16 and fp32 there
         is no scaler (and fp16 never gets a fused optimizer here), so gradients are true ones."""
+        if gradient_clip_val and is_fsdp(self.trainer.strategy):
+            # The norm over all shards: only the root FSDP module knows them all.
+            if gradient_clip_algorithm == "value":
+                params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
         if gradient_clip_val and optimizer.defaults.get("fused"):
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
@@ -138,8 +175,31 @@ class StageModule(L.LightningModule):
     # ------------------------------------------------------------------ export
 
     def export(self, directory: Path, metadata: dict[str, Any]) -> None:
-        """Write what the next stage and generate.py start from (stage 1: the adapter)."""
-        self.adapter.save(directory / "adapter.safetensors", metadata)
+        """Write what the next stage and generate.py start from (stage 1: the adapter).
+        Called on every rank (FSDP gathers the shards); rank 0 writes."""
+        with self.full_weights() as write:
+            if write:
+                unwrap(self.adapter).save(directory / "adapter.safetensors", metadata)
+
+    @contextmanager
+    def full_weights(self) -> Iterator[bool]:
+        """Context on every rank in which the trained parts hold their full weights; yields
+        whether this rank should write them. Under FSDP the shards are gathered to rank 0's
+        CPU memory, one trained part at a time; elsewhere the weights are already whole."""
+        trainer = self._trainer
+        if trainer is None:
+            yield True
+            return
+        if not is_fsdp(trainer.strategy):
+            yield trainer.is_global_zero
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with ExitStack() as stack:
+            for name in self.cfg.train.trainable:
+                stack.enter_context(FSDP.summon_full_params(getattr(self, name), writeback=False, rank0_only=True,
+                                                            offload_to_cpu=self.device.type != "cpu"))
+            yield trainer.is_global_zero
 
     # ------------------------------------------------------------------ data health
 
@@ -155,6 +215,13 @@ class StageModule(L.LightningModule):
     @staticmethod
     def batch_size_of(batch: dict[str, Any]) -> int:
         return len(batch["key"])
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside an FSDP (or compile) wrapper, for saving; the module itself otherwise."""
+    while hasattr(module, "_fsdp_wrapped_module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "_fsdp_wrapped_module", None) or module._orig_mod
+    return module
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -27,6 +27,7 @@ from lightning_modules.clip_teacher import CLIPTeacher
 from lightning_modules.losses import ALIGNMENT_LOSSES, token_cosine_similarity
 from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
+from linguadiff.strategy import llm_device
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Stage1Alignment(StageModule):
         self.teacher = teacher
         self.adapter = adapter
         self.apply_trainable()
+        self.apply_speed_options()
         if cfg.loss.type not in ALIGNMENT_LOSSES:
             raise ConfigError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {cfg.loss.type!r}")
         self.loss_fn = ALIGNMENT_LOSSES[cfg.loss.type]
@@ -47,7 +49,7 @@ class Stage1Alignment(StageModule):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Stage1Alignment":
         """Load the LLM and the base's CLIP teacher (from_pretrained) and build a fresh adapter."""
-        text_encoder = LLMTextEncoder.from_settings(cfg.llm)
+        text_encoder = LLMTextEncoder.from_settings(cfg.llm, device=llm_device(cfg))
         teacher = CLIPTeacher(cfg.model.path, kind=_teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
         a = cfg.adapter
         adapter = QueryAdapter(
@@ -70,7 +72,8 @@ class Stage1Alignment(StageModule):
 
     def student(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """LLM + adapter, run per group of similar prompt lengths (same result, less padding)."""
-        return encode_by_length(self.text_encoder, self.adapter, tokens["input_ids"], tokens["attention_mask"])
+        return encode_by_length(self.text_encoder, self.adapter, tokens["input_ids"], tokens["attention_mask"],
+                                grouped=not self.sharded)
 
     def alignment(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.loss.norm_weight
@@ -81,12 +84,19 @@ class Stage1Alignment(StageModule):
             out["pooled_cosine"] = pooled["cosine"]
         return out
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        # The empty prompt's LLM features and CLIP target never change: compute them once.
-        with torch.no_grad():
-            self._empty_student_in = self.text_encoder.encode([""])
-            self._empty_target = self.teacher.encode([""])
+    def _empty_prompt(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+        """The empty prompt's LLM features and CLIP target: they never change, computed once.
+
+        Computed inside the first step, through the modules themselves (not their .encode):
+        under FSDP only a unit's own forward gathers its weights, and the first forward must
+        enter through the root module.
+        """
+        if getattr(self, "_empty_cache", None) is None:
+            student = {k: v.to(self.device) for k, v in self.text_encoder.tokenizer([""]).items()}
+            teacher = {k: v.to(self.device) for k, v in self.teacher.tokenizer([""]).items()}
+            with torch.no_grad():
+                self._empty_cache = (self.text_encoder(student["input_ids"], student["attention_mask"]), self.teacher(teacher))
+        return self._empty_cache
 
     # ------------------------------------------------------------------ steps
 
@@ -103,7 +113,8 @@ class Stage1Alignment(StageModule):
         out = self.alignment(self.student(self._tokens(batch, "student")), teacher)
         loss = out["loss"]
         if self.cfg.loss.empty_prompt_weight > 0:
-            empty = self.alignment(self.adapter(*self._empty_student_in), self._empty_target)
+            features, target = self._empty_prompt()
+            empty = self.alignment(self.adapter(*features), target)
             loss = loss + self.cfg.loss.empty_prompt_weight * empty["loss"]
             self.log("train/empty_prompt_cosine", empty["cosine"], batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -119,6 +130,8 @@ class Stage1Alignment(StageModule):
         teacher = self.teacher(self._tokens(batch, "teacher"))
         student = self.student(self._tokens(batch, "student"))
         out = self.alignment(student, teacher)
+        if batch.get("padding"):  # an FSDP rank's filler batch: run, not counted
+            return
         self.log("val/loss", out["loss"], batch_size=size, sync_dist=True)
         self.log("val/cosine", out["cosine"], batch_size=size, sync_dist=True)
         self._val_outputs.append(

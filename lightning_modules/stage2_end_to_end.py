@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_modules.adapter import QueryAdapter
-from lightning_modules.base import StageModule
+from lightning_modules.base import StageModule, unwrap
 from lightning_modules.diffusion import (
     DiffusionLossConfig,
     diffusion_loss,
@@ -29,6 +29,7 @@ from lightning_modules.diffusion import (
 from lightning_modules.ema import EMA
 from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
+from linguadiff.strategy import llm_device
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class Stage2EndToEnd(StageModule):
             self.unet.enable_gradient_checkpointing()
         d = cfg.diffusion
         self.loss_options = DiffusionLossConfig(d.min_snr_gamma, d.input_perturbation, d.noise_offset)
-        self.ema = EMA(self, cfg.ema.decay, cfg.ema.update_every)
+        self.ema = EMA(cfg.ema.decay, cfg.ema.update_every)
+        self.apply_speed_options()
 
     # ------------------------------------------------------------------ building
 
@@ -58,7 +60,7 @@ class Stage2EndToEnd(StageModule):
         export = init_export(cfg, cls.init_stage)
         adapter, meta = QueryAdapter.from_file(export / "adapter.safetensors")
         check_handoff(cfg, meta, export)
-        text_encoder = LLMTextEncoder.from_settings(cfg.llm)
+        text_encoder = LLMTextEncoder.from_settings(cfg.llm, device=llm_device(cfg))
         m = cfg.model
         # Stage 3 continues the stage-2 UNet (its export); stage 2 starts from the base's.
         unet = load_unet(str(export / "unet"), subfolder=None) if (export / "unet").is_dir() else load_unet(m.path, revision=m.revision)
@@ -75,15 +77,17 @@ class Stage2EndToEnd(StageModule):
     def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """LLM + adapter, grouped by prompt length (as in stage 1)."""
         return encode_by_length(self.text_encoder, self.adapter, tokens["input_ids"].to(self.device),
-                                tokens["attention_mask"].to(self.device))
+                                tokens["attention_mask"].to(self.device), grouped=not self.sharded)
 
     @torch.no_grad()
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> what the UNet denoises (VAE latents; pixels for the demo)."""
         if self.vae is None:
-            return images
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
-        return (latents * self.vae.config.scaling_factor).float()
+            x0 = images
+        else:
+            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+            x0 = (latents * self.vae.config.scaling_factor).float()
+        return x0.contiguous(memory_format=torch.channels_last) if self.cfg.speed.channels_last else x0
 
     def _conditioning(self, batch: dict) -> tuple[torch.Tensor, dict | None]:
         tokens = batch.get("student_tokens") or self.text_encoder.tokenizer(batch["caption"])
@@ -107,11 +111,17 @@ class Stage2EndToEnd(StageModule):
             self.log(f"train/lr_{group.get('name', i)}", group["lr"], batch_size=size)
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        initial = self.ema.before_step(optimizer)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Here rather than in on_train_batch_end: checkpoint callbacks run before the module's
         # batch-end hook, and a checkpoint must hold the average including this step.
-        self.ema.step(self)
+        self.ema.after_step(optimizer, initial)
+
+    def ema_weights(self):
+        """Context: the EMA weights in place of the trained ones (samples, export)."""
+        optimizer = self.optimizers(use_pl_optimizer=False) if self._trainer is not None and self.trainer.optimizers else None
+        return self.ema.applied(optimizer)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss at fixed timesteps with fixed noise: comparable across validations and runs."""
@@ -124,9 +134,12 @@ class Stage2EndToEnd(StageModule):
             generator = torch.Generator(device=self.device).manual_seed(1000 * batch_idx + int(t))
             timesteps = torch.full((x0.shape[0],), int(t), device=self.device, dtype=torch.long)
             loss = diffusion_loss(self.unet, self.noise_scheduler, x0, context, no_perturbation, added, timesteps, generator).mean()
+            if batch.get("padding"):  # an FSDP rank's filler batch: run, not counted
+                continue
             self.log(f"val/loss_t{int(t)}", loss, batch_size=size, sync_dist=True)
             total += loss
-        self.log("val/loss", total / len(self.cfg.diffusion.val_timesteps), batch_size=size, sync_dist=True, prog_bar=True)
+        if not batch.get("padding"):
+            self.log("val/loss", total / len(self.cfg.diffusion.val_timesteps), batch_size=size, sync_dist=True, prog_bar=True)
 
     # ------------------------------------------------------------------ optimisation and state
 
@@ -141,14 +154,16 @@ class Stage2EndToEnd(StageModule):
         return [{"params": rest, "name": "unet"}, {"params": adapter, "name": "adapter", "lr": self.cfg.optim.adapter_lr}]
 
     def export(self, directory: Path, metadata: dict[str, Any]) -> None:
-        """The EMA weights: the adapter (safetensors + metadata) and the UNet in diffusers format."""
-        with self.ema.applied(self):
-            self.adapter.save(directory / "adapter.safetensors", metadata)
-            self.unet.save_pretrained(directory / "unet")
+        """The EMA weights: the adapter (safetensors + metadata) and the UNet in diffusers format.
+        Called on every rank (FSDP gathers the shards); rank 0 writes."""
+        with self.ema_weights(), self.full_weights() as write:
+            if write:
+                unwrap(self.adapter).save(directory / "adapter.safetensors", metadata)
+                unwrap(self.unet).save_pretrained(directory / "unet")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["ema"] = self.ema.state_dict()  # the counters; the averages ride in the optimizer state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -150,13 +150,15 @@ def encode_by_length(
     adapter: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor | None]],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    grouped: bool = True,
 ) -> dict[str, torch.Tensor | None]:
     """LLM + adapter over a batch, run per `length_groups` group and put back in batch order.
 
     The adapter's outputs have a fixed size (N queries), so groups of different padded
-    lengths concatenate; the result equals one padded pass, for less work.
+    lengths concatenate; the result equals one padded pass, for less work. `grouped=False`
+    makes it one pass: under FSDP every rank must make the same number of forward calls.
     """
-    groups = length_groups(attention_mask.sum(1))
+    groups = length_groups(attention_mask.sum(1)) if grouped else [torch.arange(len(input_ids))]
     if len(groups) == 1:
         return adapter(*text_encoder(input_ids, attention_mask))
     parts = []
@@ -168,10 +170,17 @@ def encode_by_length(
 
 
 def _load_backbone(
-    config: PretrainedConfig, path_or_name: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None
+    config: PretrainedConfig, path_or_name: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None,
+    device: torch.device | None = None,
 ) -> nn.Module:
-    """The part of the model that makes token features: the encoder, or the LM-head-less decoder."""
+    """The part of the model that makes token features: the encoder, or the LM-head-less decoder.
+
+    With `device`, the weights go from the files straight to that device (FSDP ranks load
+    onto their own GPU instead of each holding a full copy in CPU memory).
+    """
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": revision}
+    if device is not None:
+        kwargs["device_map"] = {"": str(device)}
     if getattr(config, "is_encoder_decoder", False):
         return AutoModelForTextEncoding.from_pretrained(path_or_name, **kwargs)
     auto_map = getattr(config, "auto_map", None) or {}
@@ -209,6 +218,7 @@ class LLMTextEncoder(nn.Module):
         add_bos: bool = True,
         trust_remote_code: bool = False,
         revision: str | None = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         if layer_mix not in ("mean", "concat"):
@@ -217,7 +227,7 @@ class LLMTextEncoder(nn.Module):
             raise ValueError("layers must name at least one hidden state, e.g. (-1,)")
         self._name = str(path_or_name)
         config = AutoConfig.from_pretrained(self._name, trust_remote_code=trust_remote_code, revision=revision)
-        self.model = freeze(_load_backbone(config, self._name, torch_dtype(dtype), trust_remote_code, revision))
+        self.model = freeze(_load_backbone(config, self._name, torch_dtype(dtype), trust_remote_code, revision, device))
         self._tokenizer = PromptTokenizer(self._name, max_length, add_bos, trust_remote_code, revision)
 
         # hidden_states holds the embeddings plus one entry per layer.
@@ -232,7 +242,9 @@ class LLMTextEncoder(nn.Module):
         freeze(self)  # the wrapper too, so nothing added to it later can train by accident
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], path: str | None = None, dtype: str | None = None) -> "LLMTextEncoder":
+    def from_settings(
+        cls, settings: Mapping[str, Any], path: str | None = None, dtype: str | None = None, device: torch.device | None = None
+    ) -> "LLMTextEncoder":
         """Build from the config's `llm` section or an export's `llm` metadata (same keys)."""
         return cls(
             path or settings["path"],
@@ -243,6 +255,7 @@ class LLMTextEncoder(nn.Module):
             add_bos=settings["add_bos"],
             trust_remote_code=settings["trust_remote_code"],
             revision=settings.get("revision"),
+            device=device,
         )
 
     @property

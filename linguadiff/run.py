@@ -76,8 +76,11 @@ class RunDir:
 
 
 def checkpoint_step(path: Path) -> int:
-    """The global step stored in a Lightning checkpoint, read without loading its tensors."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """The global step stored in a Lightning checkpoint, read without loading its tensors.
+    A sharded (FSDP) checkpoint is a folder whose meta.pt holds everything but the tensors."""
+    if path.is_dir():
+        path = path / "meta.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=not path.name == "meta.pt")
     return int(ckpt.get("global_step", 0))
 
 
@@ -118,8 +121,13 @@ def precision_for(cfg: DictConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
 
 
-def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback], module: L.LightningModule | None = None) -> L.Trainer:
+    """The Trainer for `cfg` (`module`: the stage module, which FSDP's units are chosen from)."""
+    from linguadiff.strategy import build_strategy
+
     t = cfg.trainer
+    precision = precision_for(cfg)
+    strategy = build_strategy(cfg, module, precision) if module is not None else t.strategy
     logger = TensorBoardLogger(
         save_dir=str(run.root),
         name="tensorboard",
@@ -140,7 +148,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback]) -> 
         save_top_k=cfg.checkpoint.keep_last,
         enable_version_counter=False,  # last.ckpt is overwritten, never last-v1.ckpt
     )
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and cfg.speed.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     plugins = []
@@ -153,8 +161,8 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback]) -> 
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=precision_for(cfg),
+        strategy=strategy,
+        precision=precision,
         max_steps=t.max_steps,
         max_epochs=-1,
         log_every_n_steps=t.log_every_n_steps,

@@ -10,35 +10,60 @@ from lightning_modules.diffusion import DiffusionLossConfig, diffusion_loss, sdx
 from lightning_modules.ema import EMA
 
 
+def _sgd_on(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, delta: float) -> None:
+    """One optimizer step that adds `delta` to every trained weight, with the EMA around it."""
+    initial = ema.before_step(optimizer)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, -delta)
+    optimizer.step()
+    ema.after_step(optimizer, initial)
+
+
 def test_ema_averages_trained_weights_and_restores_them():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     model[1].requires_grad_(False)  # frozen parts are not averaged
-    ema = EMA(model, decay=0.5)
-    assert ema.names == ["0.weight", "0.bias"]
+    optimizer = _sgd_on(model)
+    ema = EMA(decay=0.5)
     start = model[0].weight.detach().clone()
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-    ema.step(model)  # first update: warm-up decay min(0.5, 2/11) = 2/11
+    _step(model, optimizer, ema, 1.0)  # first update: warm-up decay min(0.5, 2/11) = 2/11
     expected = start + (1 - 2 / 11) * 1.0
-    assert torch.allclose(ema.shadow[0], expected)
+    shadows = dict((id(p), s) for p, s in ema.shadows(optimizer))
+    assert torch.allclose(shadows[id(model[0].weight)], expected)
+    assert len(shadows) == 2 and id(model[1].weight) not in shadows
     trained = model[0].weight.detach().clone()
-    with ema.applied(model):
+    with ema.applied(optimizer):
         assert torch.allclose(model[0].weight, expected)
     assert torch.equal(model[0].weight, trained)  # put back after sampling / export
 
-    restored = EMA(model, decay=0.5)
+    # The averages are optimizer state: saved and restored with it, the counters beside it.
+    restored_model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    restored_model.load_state_dict(model.state_dict())
+    restored_model[1].requires_grad_(False)
+    restored_opt, restored = _sgd_on(restored_model), EMA(decay=0.5)
+    restored_opt.load_state_dict(optimizer.state_dict())
     restored.load_state_dict(ema.state_dict())
-    assert restored.updates == 1 and torch.equal(restored.shadow[0], ema.shadow[0])
+    assert restored.updates == 1
+    assert torch.equal(ema.shadows(restored_opt)[0][1], ema.shadows(optimizer)[0][1])
+    _step(model, optimizer, ema, 1.0)
+    _step(restored_model, restored_opt, restored, 1.0)
+    assert torch.equal(ema.shadows(optimizer)[0][1], restored.shadows(restored_opt)[0][1])
 
 
 def test_ema_update_every_and_bad_decay():
     model = nn.Linear(2, 2)
-    ema = EMA(model, decay=0.9, update_every=3)
+    optimizer, ema = _sgd_on(model), EMA(decay=0.9, update_every=3)
     for _ in range(7):
-        ema.step(model)
+        _step(model, optimizer, ema, 0.1)
     assert ema.steps == 7 and ema.updates == 2
     with pytest.raises(ValueError, match="ema.decay"):
-        EMA(model, decay=1.0)
+        EMA(decay=1.0)
+    with ema.applied(None):  # no optimizer yet (sampling before training): the weights as they are
+        pass
 
 
 def test_sdxl_time_ids_order():
