@@ -34,7 +34,8 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
+    """Returns the exit status. `extra_callbacks`: more Lightning callbacks (tools and tests)."""
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers run in the data workers
     try:
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from callbacks.export import RunExport
     from callbacks.preemption import PreemptionHandler
     from callbacks.progress import ThroughputLogger
+    from callbacks.rng_state import RNGState
     from callbacks.sample_images import SampleImages
     from datamodules import build_datamodule
     from lightning_modules import stage_class
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     callbacks = [ThroughputLogger(cfg.trainer.log_every_n_steps * 5, unit="prompts" if cfg.stage == 1 else "images"),
-                 RunExport(cfg, run.export), PreemptionHandler()]
+                 RunExport(cfg, run.export), PreemptionHandler(), RNGState(cfg.seed), *extra_callbacks]
     if cfg.stage > 1:
         callbacks.append(SampleImages(cfg, run.root / "samples"))
     try:

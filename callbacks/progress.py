@@ -34,6 +34,8 @@ class ThroughputLogger(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._reset()
+        if trainer.is_global_zero:
+            log.info(run_summary(trainer, pl_module, self.unit))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = time.perf_counter()
@@ -86,3 +88,23 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def run_summary(trainer, pl_module, unit: str) -> str:
+    """The effective global batch, steps per pass over the training data, and where it starts."""
+    per_device = int(getattr(trainer.datamodule, "batch_size", 0) or 0)
+    accumulate = int(trainer.accumulate_grad_batches)
+    global_batch = per_device * trainer.world_size * accumulate
+    line = (f"global batch {global_batch} {unit} = {per_device} per device x {trainer.num_devices} devices x "
+            f"{trainer.num_nodes} nodes x {accumulate} accumulated; {type(trainer.strategy).__name__}, "
+            f"precision {trainer.precision}; from step {trainer.global_step} to {trainer.max_steps}")
+    from datamodules.shards import count_samples
+
+    sources = getattr(trainer.datamodule, "train_sources", None) or []
+    counts = [count_samples(source.urls) for source in sources]
+    if global_batch and counts and all(c is not None for c in counts):
+        samples = sum(counts)
+        line += f"; {samples} training samples: {samples / global_batch:.1f} steps per epoch"
+    else:
+        line += "; steps per epoch unknown (streamed shards without img2dataset *_stats.json)"
+    return line

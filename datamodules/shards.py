@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import logging
 import os
 import random
@@ -36,6 +37,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -304,6 +306,36 @@ class SkipCounter:
 
 
 # ----------------------------------------------------------------------------- tar reading
+
+
+def count_samples(urls: Sequence[str], max_scanned_shards: int = 64) -> int | None:
+    """Samples in these shards, when that is cheap to know, else None.
+
+    img2dataset writes `NAME_stats.json` (with `successes`) beside each `NAME.tar`: summed
+    when every shard has one. Otherwise up to `max_scanned_shards` local shards are counted
+    from their tar headers (no member is read). Remote or many unlabelled shards: None.
+    """
+    total = 0
+    stats = [Path(url).with_name(Path(url).stem + "_stats.json") for url in urls if _is_local(url)]
+    if len(stats) == len(urls) and all(path.is_file() for path in stats):
+        try:
+            return sum(int(json.loads(path.read_text())["successes"]) for path in stats)
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    if len(stats) != len(urls) or len(urls) > max_scanned_shards:
+        return None
+    for url in urls:
+        try:
+            with tarfile.open(url, "r:*") as tar:
+                keys = set()
+                for member in tar:
+                    parts = split_member_name(member.name) if member.isfile() else None
+                    if parts:
+                        keys.add(parts[0])
+            total += len(keys)
+        except (OSError, tarfile.TarError):
+            return None
+    return total
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:

@@ -18,7 +18,6 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from lightning_modules.adapter import QueryAdapter
@@ -27,7 +26,7 @@ from lightning_modules.clip_teacher import CLIPTeacher
 from lightning_modules.losses import ALIGNMENT_LOSSES, token_cosine_similarity
 from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
-from linguadiff.strategy import llm_device
+from linguadiff.strategy import gather_objects, llm_device
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,8 @@ class Stage1Alignment(StageModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        outputs, self._val_outputs = _gather_objects(self._val_outputs), []
+        outputs = [out for part in gather_objects(self._val_outputs) for out in part]
+        self._val_outputs = []
         if self.trainer.sanity_checking or not outputs:
             return
         for name, value in retrieval_recall(outputs, pool_size=self.cfg.eval.retrieval_pool).items():
@@ -185,15 +185,6 @@ def retrieval_recall(outputs: list[dict[str, Any]], pool_size: int) -> dict[str,
             metrics[f"recall@{k}/non_english"] = sum(metrics[f"recall@{k}/{l}"] for l in non_english) / len(non_english)
     metrics["recall_pool_size"] = float(len(keys))
     return metrics
-
-
-def _gather_objects(items: list[Any]) -> list[Any]:
-    """Every rank's items on every rank (validation features are small and kept on the CPU)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return items
-    gathered: list[list[Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]
 
 
 def _teacher_kind(kind: str) -> str:

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class Stage2EndToEnd(StageModule):
     #: which stage's export `init_from` must hold
     init_stage = 1
+    #: parts FSDP leaves whole (called through vae.encode, not forward; linguadiff/strategy.py)
+    fsdp_ignored = ("vae",)
 
     def __init__(self, cfg: DictConfig, text_encoder: LLMTextEncoder, adapter: QueryAdapter, unet, vae, noise_scheduler) -> None:
         super().__init__(cfg)

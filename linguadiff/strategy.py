@@ -8,7 +8,8 @@ up here (`fsdp_setup`):
 - wrap units: every block class a Hugging Face / diffusers model lists in `_no_split_modules`
   (LLM decoder layers, CLIP encoder layers, UNet transformer and resnet blocks), the
   adapter's transformer layers, and each part of the stage module (LLM, adapter, UNet,
-  VAE, teacher) for the weights outside those blocks. A unit is then either all frozen
+  teacher) for the weights outside those blocks. The frozen VAE stays whole on every rank
+  (`ignored_parts`): small, and called through `encode`, which FSDP does not gather for. A unit is then either all frozen
   or all trained (`check_units` asserts it), so no frozen weight takes gradient or
   optimizer memory, and the stage module itself holds no weight;
 - mixed precision stated explicitly: bf16 compute, fp32 gradient reduction, fp32 master
@@ -93,20 +94,32 @@ class FSDPUnits:
         return CustomPolicy(lambda module: id(module) in self.checkpoint)
 
 
+def ignored_parts(stage_module: nn.Module) -> dict[str, nn.Module]:
+    """Frozen parts left whole on every rank: those the stage calls through a method other
+    than forward (the VAE's encode), which FSDP would not gather the weights for. Small."""
+    names = getattr(stage_module, "fsdp_ignored", ())
+    return {name: part for name in names if (part := getattr(stage_module, name, None)) is not None}
+
+
 def fsdp_units(stage_module: nn.Module, activation_checkpointing: bool = True) -> FSDPUnits:
     """Choose the units: blocks, then each direct part of the stage module (the rest of its weights)."""
     blocks = block_class_names(stage_module)
+    ignored = tuple(f"{name}." for name in ignored_parts(stage_module))
     wrap, checkpoint, names = set(), set(), {}
+    checkpointed_names: list[str] = []
     for name, module in stage_module.named_modules():
-        if module is stage_module or not any(True for _ in module.parameters()):
+        if module is stage_module or not any(True for _ in module.parameters()) or f"{name}.".startswith(ignored or ("\0",)):
             continue
         is_block = type(module).__name__ in blocks or isinstance(module, ADAPTER_BLOCKS)
         is_part = "." not in name
         if is_block or is_part:
             wrap.add(id(module))
             names[id(module)] = name
-        if is_block and activation_checkpointing and all(p.requires_grad for p in module.parameters()):
+        inside_checkpointed = any(name.startswith(f"{outer}.") for outer in checkpointed_names)
+        if is_block and activation_checkpointing and not inside_checkpointed and all(p.requires_grad for p in module.parameters()):
+            # Outermost trained blocks only: a checkpointed block inside another would be recomputed twice.
             checkpoint.add(id(module))
+            checkpointed_names.append(name)
     return FSDPUnits(frozenset(wrap), frozenset(checkpoint), names)
 
 
@@ -123,7 +136,8 @@ def unit_of_parameters(stage_module: nn.Module, units: FSDPUnits) -> dict[str, s
             visit(child, f"{prefix}{cname}.", unit)
 
     visit(stage_module, "", "")
-    return owner
+    ignored = tuple(f"{name}." for name in ignored_parts(stage_module))
+    return {name: unit for name, unit in owner.items() if not (ignored and name.startswith(ignored))}
 
 
 def check_units(stage_module: nn.Module, units: FSDPUnits) -> dict[str, dict[str, Any]]:
@@ -174,6 +188,8 @@ class ShardedFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         """As Lightning's, plus CPUs (gloo): FSDP accepts the CPU only as an explicit device_id.
         Runs the same sharding, checkpoints and clipping on a laptop or in CI, slowly."""
+        for part in self.kwargs.get("ignored_modules") or ():
+            part.to(self.root_device)  # FSDP leaves ignored modules where they are
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
         from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
@@ -239,10 +255,21 @@ def build_strategy(cfg: DictConfig, module: nn.Module, precision: str) -> str | 
         state_dict_type="sharded",
         cpu_offload=bool(f.cpu_offload),
         limit_all_gathers=True,
+        ignored_modules=list(ignored_parts(module).values()) or None,
         use_orig_params=True,  # parameter groups, frozen parts and the EMA see the original weights
     )
 
 
 def is_fsdp(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
+
+
+def gather_objects(item: Any) -> list[Any]:
+    """`item` from every rank, in rank order, on every rank ([item] outside distributed runs)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [item]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, item)
+    return gathered
 

@@ -1,0 +1,231 @@
+"""Scaling out on CPUs: DDP (gloo) splits the data, FSDP keeps frozen and trained weights in
+separate units and its sharded checkpoints resume, a resumed run restores its exact state."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import train
+from datamodules.demo_data import write_demo_shards
+from datamodules.shards import Consumer, count_samples, even_share, expand_urls
+from lightning_modules import stage_class
+from lightning_modules.ema import STATE_KEY
+from linguadiff.config import ConfigError, load_config, resolve
+from linguadiff.strategy import ShardedFSDPStrategy, build_strategy, check_units, fsdp_units, mixed_precision
+from tests.test_stage1_training import scalars
+from tests.test_stage23_training import stage_args
+from tests.tiny_models import make_tiny_llm, make_tiny_sd_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """Enough shards for two ranks (x one worker) to each read their own, for one pass."""
+    root = tmp_path_factory.mktemp("scale")
+    text, images = root / "text", root / "images"
+    write_demo_shards(text, num_samples=256, samples_per_shard=32, seed=0, image_size=16, prefix="train", with_images=False)
+    write_demo_shards(text, num_samples=20, samples_per_shard=20, seed=1, image_size=16, prefix="val", with_images=False)
+    write_demo_shards(images, num_samples=128, samples_per_shard=32, seed=2, image_size=32, prefix="train", with_images=True)
+    write_demo_shards(images, num_samples=12, samples_per_shard=12, seed=3, image_size=32, prefix="val", with_images=True)
+    return {
+        "llm": make_tiny_llm(root / "llm", kind="qwen2"),
+        "sd15": make_tiny_sd_pipeline(root / "sd15", kind="sd15"),
+        "train": text / "train-{00000..00007}.tar",
+        "val": text / "val-00000.tar",
+        "image_train": images / "train-{00000..00003}.tar",
+        "image_val": images / "val-00000.tar",
+    }
+
+
+@pytest.fixture(scope="module")
+def stage1_run(world, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "stage1"
+    assert train.main(stage_args(world, run_dir, 1)) == 0
+    return run_dir
+
+
+def _run(args: list[str], probe: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """train.py (with the key probe) in a fresh process, as a user launches it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if probe is not None:
+        probe.mkdir(parents=True, exist_ok=True)
+        env["LINGUADIFF_PROBE"] = str(probe)
+    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def _keys_per_rank(probe: Path) -> list[list[str]]:
+    return [(probe / f"rank{r}.txt").read_text().split() for r in range(2)]
+
+
+# ---------------------------------------------------------------------- DDP
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ddp_on_cpu_gives_each_sample_to_one_rank(world, stage1_run, tmp_path, stage):
+    steps, batch = 5, 8
+    extra = {"strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": steps, "data.batch_size": batch,
+             "trainer.val_check_interval": steps, "checkpoint.every_n_steps": steps, "samples.every_n_steps": 0}
+    if stage == 2:
+        extra["init_from"] = stage1_run
+    result = _run(stage_args(world, tmp_path / "run", stage, **extra), probe=tmp_path / "probe")
+    ranks = _keys_per_rank(tmp_path / "probe")
+    assert [len(keys) for keys in ranks] == [steps * batch] * 2
+    # One pass over the data is longer than this run: no sample may come twice, on either rank.
+    available = count_samples(expand_urls(str(world["train" if stage == 1 else "image_train"])))
+    assert 2 * steps * batch <= available
+    seen = ranks[0] + ranks[1]
+    assert len(set(seen)) == len(seen), "a sample went to both ranks (or twice to one)"
+    assert "global batch 16" in result.stdout + result.stderr  # 8 per device x 2 devices
+
+
+# ---------------------------------------------------------------------- FSDP
+
+
+def _stage2_cfg(world, stage1_run, tmp_path, **extra):
+    args = stage_args(world, tmp_path / "run", 2, init_from=stage1_run, **extra)
+    return resolve(load_config(args))
+
+
+def test_fsdp_units_separate_frozen_from_trained(world, stage1_run, tmp_path):
+    cfg = _stage2_cfg(world, stage1_run, tmp_path, strategy="fsdp", **{"trainer.accelerator": "cpu"})
+    assert cfg.llm.dtype == "bfloat16"  # the preset loads the frozen LLM in bf16, never an fp32 copy
+    module = stage_class(2).from_config(cfg)
+    units = fsdp_units(module, activation_checkpointing=True)
+    summary = check_units(module, units)
+    names = {units.names[i] for i in units.wrap}
+    # Every LLM decoder layer is its own frozen unit; the trained parts are units of their own.
+    llm_layers = [n for n in names if n.startswith("text_encoder.model.layers.")]
+    assert len(llm_layers) == module.text_encoder.model.config.num_hidden_layers
+    assert all(not summary[n]["trains"] and summary[n]["dtype"] == "torch.bfloat16" for n in llm_layers)
+    assert summary["adapter"]["trains"] and summary["unet"]["trains"] and not summary["text_encoder"]["trains"]
+    assert any(n.startswith("adapter.encoder.layers.") for n in names)
+    assert any(n.startswith("unet.down_blocks.") for n in names)
+    assert "" not in summary  # the stage module itself holds no weight
+    # Activation checkpointing: trained blocks only.
+    checkpointed = {units.names[i] for i in units.checkpoint}
+    modules = dict(module.named_modules())
+    assert checkpointed and all(p.requires_grad for n in checkpointed for p in modules[n].parameters())
+    assert not any(n.startswith(("text_encoder", "vae")) for n in checkpointed)
+    assert not any(a != b and b.startswith(f"{a}.") for a in checkpointed for b in checkpointed)  # never nested
+
+    strategy = build_strategy(cfg, module, "bf16-mixed")
+    assert isinstance(strategy, ShardedFSDPStrategy) and strategy._state_dict_type == "sharded"
+    mp = strategy.mixed_precision
+    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, None)
+    assert mixed_precision("32-true") is None
+    assert strategy.kwargs["use_orig_params"] is True
+
+    # A unit that mixes frozen and trained weights is refused before any GPU is touched.
+    module.adapter.encoder.layers[0].linear1.requires_grad_(False)
+    with pytest.raises(ConfigError, match="mixes frozen and trained"):
+        check_units(module, fsdp_units(module))
+
+
+def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, stage1_run, tmp_path):
+    run_dir = tmp_path / "run"
+    common = {"init_from": stage1_run, "strategy": "fsdp", "trainer.accelerator": "cpu", "trainer.devices": 2,
+              "checkpoint.every_n_steps": 2, "trainer.val_check_interval": 2, "samples.every_n_steps": 4}
+    _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 2}))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = set(FileSystemReader(str(last)).read_metadata().state_dict_metadata)
+    assert any(k.startswith("model.unet.") for k in stored) and any(k.startswith("model.adapter.") for k in stored)
+    assert not any(k.startswith(("model.text_encoder.", "model.vae.")) for k in stored)  # frozen: from source
+    assert any(STATE_KEY in k for k in stored)  # the EMA, sharded with the optimizer state
+
+    _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}))
+    steps = [s for s, _ in scalars(run_dir, "train/loss")]
+    assert sorted(steps) == [0, 1, 2, 3]  # resumed at step 2, nothing logged twice
+    assert (run_dir / "export" / "unet").is_dir() and (run_dir / "samples" / "step00000004.png").is_file()
+    from lightning_modules.adapter import QueryAdapter
+
+    adapter, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
+    assert meta["global_step"] == 4 and adapter.queries.shape[0] == 77  # gathered whole, not a shard
+
+
+def test_even_share_gives_every_consumer_as_many_batches():
+    batches = [{"key": [str(i)], "skipped": {"bad": i}} for i in range(7)]
+    shares = [list(even_share(iter(batches), Consumer(rank, 3))) for rank in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]
+    real = [b["key"][0] for s in shares for b in s if not b.get("padding")]
+    assert sorted(real) == [str(i) for i in range(7)]  # each once
+    padding = [b for s in shares for b in s if b.get("padding")]
+    assert len(padding) == 2 and all(b["skipped"] == {} for b in padding)  # skips counted once
+
+
+# ---------------------------------------------------------------------- exact resume
+
+
+class _StateProbe:
+    """Captures the trainer's state when training (re)starts."""
+
+    def __init__(self):
+        import lightning as L
+
+        probe = self
+
+        class Callback(L.Callback):
+            def on_train_start(self, trainer, pl_module):
+                optimizer = trainer.optimizers[0]
+                probe.step = trainer.global_step
+                probe.lr = [g["lr"] for g in optimizer.param_groups]
+                probe.scheduler_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+                probe.optimizer = {k: {n: v.clone() for n, v in st.items()} for k, st in enumerate(optimizer.state.values())}
+                probe.ema = pl_module.ema.state_dict()
+                probe.rng = torch.get_rng_state().clone()  # after RNGState's on_train_start
+
+        self.callback = Callback()
+
+
+def test_resume_restores_optimizer_ema_schedule_and_random_state(world, stage1_run, tmp_path):
+    run_dir = tmp_path / "run"
+    args = stage_args(world, run_dir, 2, init_from=stage1_run, **{"samples.every_n_steps": 0})
+    assert train.main(args) == 0  # 4 steps
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    probe = _StateProbe()
+    longer = [a for a in args if not a.startswith("trainer.max_steps=")] + ["trainer.max_steps=6"]
+    assert train.main(longer, extra_callbacks=(probe.callback,)) == 0
+
+    assert probe.step == ckpt["global_step"] == 4
+    assert probe.ema == ckpt["ema"] and probe.ema["updates"] == 4
+    saved = ckpt["optimizer_states"][0]
+    assert probe.lr == [g["lr"] for g in saved["param_groups"]]
+    assert probe.scheduler_epoch == ckpt["lr_schedulers"][0]["last_epoch"]
+    for index, state in saved["state"].items():
+        for name, value in state.items():
+            assert torch.equal(probe.optimizer[index][name], value), f"optimizer state {index}/{name} differs"
+    assert all(STATE_KEY in state for state in saved["state"].values())
+    # The random state the resumed run trains with is the one the checkpoint stored.
+    rng = ckpt["callbacks"]["RNGState"]["states"]
+    assert len(rng) == 1 and torch.equal(probe.rng, rng[0]["torch"])
+
+
+def test_ranks_draw_different_random_numbers_and_states_round_trip():
+    import random
+
+    import numpy as np
+
+    from callbacks.rng_state import collect_rng_states, derived_seed, set_rng_states
+
+    states = collect_rng_states()
+    first = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    set_rng_states(states)
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
+
+    assert len({derived_seed(0, rank, 0) for rank in range(8)}) == 8
+    assert derived_seed(0, 1, 0) == derived_seed(0, 1, 0)  # stable across processes
+    cfg = OmegaConf.create({"trainer": {"strategy": "bogus"}})
+    with pytest.raises(ConfigError, match="trainer.strategy"):
+        build_strategy(cfg, torch.nn.Linear(1, 1), "32-true")
