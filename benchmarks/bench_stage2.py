@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def vae_encode():
             with amp():
-                return module.to_model_space(sample["image"])
+                return module.to_model_space(sample)
 
         def llm_forward():
             with amp():
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
                 """Stage2EndToEnd.training_step's work, then Lightning's optimizer step."""
                 batch = next_batch(from_cache)
                 with amp():
-                    x0 = batch["latents"] if from_cache else module.to_model_space(batch["image"])
+                    x0 = batch["latents"] if from_cache else module.to_model_space(batch)
                     context, added = module._conditioning(batch)
                     loss = diffusion_loss(module.unet, module.noise_scheduler, x0, context, module.loss_options, added).mean()
                 loss.backward()
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch = next_batch(from_cache)
             timer.mark("data")
             with amp():
-                x0 = batch["latents"] if from_cache else module.to_model_space(batch["image"])
+                x0 = batch["latents"] if from_cache else module.to_model_space(batch)
                 if not from_cache and module.vae is not None:
                     timer.mark("VAE encode")
                 feats = llm_features(batch["student_tokens"])

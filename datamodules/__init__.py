@@ -43,6 +43,7 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
 
         datamodule = TextShardsDataModule(**common)
     else:
+        from datamodules.cached import llm_signature
         from datamodules.image_shards import ImageTextDataModule
 
         datamodule = ImageTextDataModule(
@@ -52,6 +53,7 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
             random_flip=d.random_flip,
             min_size=d.min_size,
             min_aesthetic=d.min_aesthetic,
+            llm_signature=llm_signature(cfg.llm),
             **common,
         )
     datamodule.even_val_batches = cfg.trainer.strategy == "fsdp"

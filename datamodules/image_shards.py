@@ -30,7 +30,14 @@ Batch (a dict built inside the DataLoader worker): `image` float [B, 3, R, R], `
 `lang` ("" for a dropped caption), `key` (lists of str), `original_size`, `crop_top_left`,
 `target_size` (Long [B, 2], (h, w) / (top, left) / (R, R)), `aesthetic_score` (float [B],
 nan when absent), `skipped` (reason -> count since this worker's previous batch) and, with
-tokenizers, `student_tokens`. Examples are plain dicts collated by value type
+tokenizers, `student_tokens`.
+
+Shards written by `scripts/cache_features.py` (datamodules/cached.py) are detected per
+sample: `moments` (VAE latent distribution, [B, 2C, h, w]) replaces `image` for latent
+bases (a pixel base's cached crop arrives as `image`), and `llm_states` / `llm_mask` (LLM
+features of the drawn caption, [B, T, D] / [B, T]) come along when every sample of the
+batch has them for this run's LLM settings. Cached crops are centred: no random crop or
+flip, the cost of caching. Examples are plain dicts collated by value type
 (`collate_examples`), so a decoder for a new member type (cached latents, LLM states) only
 has to add a field.
 """
@@ -53,6 +60,18 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from datamodules.cached import (
+    CACHE_MEMBERS,
+    EMPTY,
+    LLM_STATES,
+    META_KEY,
+    MOMENTS,
+    PIXELS,
+    caption_name,
+    from_npy,
+    pad_states,
+    read_llm_npz,
+)
 from datamodules.shards import (
     Consumer,
     ShardDataModule,
@@ -71,7 +90,7 @@ logger = logging.getLogger(__name__)
 
 # The order decides which image a sample with several is read from.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-MEMBER_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))
+MEMBER_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json", *CACHE_MEMBERS))
 AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
 # json size fields, most trustworthy first: img2dataset's width/height are after its resize.
 SIZE_FIELDS = (("original_width", "original_height"), ("width", "height"))
@@ -302,6 +321,9 @@ class ImageTextDecoder:
     min_aesthetic: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     language_weights: Mapping[str, float] = field(default_factory=dict)
+    # The run's LLM settings (datamodules.cached.llm_signature): cached LLM features made
+    # with exactly these are used; None or others: the LLM runs on the caption.
+    llm_signature: Mapping[str, Any] | None = None
 
     def __call__(self, raw: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
         meta = read_json(raw["json"]) if "json" in raw else {}
@@ -310,7 +332,43 @@ class ImageTextDecoder:
         size = recorded_size(meta)
         if size is not None:
             self._check_size(size)
-        caption, lang = self._choose_caption(caption_candidates(raw, meta), rng)
+        captions = caption_candidates(raw, meta)
+        caption, lang = self._choose_caption(captions, rng)
+        if MOMENTS in raw or PIXELS in raw:
+            example = self._cached_example(raw, meta)
+        else:
+            example = self._image_example(raw, size, rng)
+        example.update(caption=caption, lang=lang, aesthetic_score=score)
+        cache = meta.get(META_KEY)
+        if LLM_STATES in raw and self.llm_signature is not None and isinstance(cache, Mapping) \
+                and cache.get("llm") == dict(self.llm_signature):
+            states = read_llm_npz(raw[LLM_STATES])
+            name = EMPTY if not caption else caption_name(lang, captions[lang].index(caption))
+            if name not in states:
+                raise BadSample("bad_cache", f"llm.npz has no features for caption {name}")
+            example["llm_states"] = torch.from_numpy(states[name])
+        return example
+
+    def _cached_example(self, raw: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """The crop as `scripts/cache_features.py` stored it: VAE moments or uint8 pixels."""
+        cache = meta.get(META_KEY)
+        if not isinstance(cache, Mapping) or cache.get("resolution") != self.resolution:
+            got = cache.get("resolution") if isinstance(cache, Mapping) else None
+            raise BadSample("cache_mismatch", f"cached at resolution {got}, this run trains at {self.resolution}")
+        try:
+            array = from_npy(raw[MOMENTS] if MOMENTS in raw else raw[PIXELS])
+        except (ValueError, OSError) as error:
+            raise BadSample("bad_cache", str(error)[:200]) from None
+        example: dict[str, Any] = {"key": raw["__key__"], "original_size": tuple(cache["original_size"]),
+                                   "crop_top_left": tuple(cache["crop_top_left"]),
+                                   "target_size": (self.resolution, self.resolution)}
+        if MOMENTS in raw:
+            example["moments"] = torch.from_numpy(array)
+        else:  # exactly what square_crop gives for the same crop
+            example["image"] = torch.from_numpy(array).float() / 127.5 - 1.0
+        return example
+
+    def _image_example(self, raw: Mapping[str, Any], size: tuple[int, int] | None, rng: random.Random) -> dict[str, Any]:
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if extension is None:
             raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
@@ -321,13 +379,10 @@ class ImageTextDecoder:
         crop = square_crop(image, self.resolution, rng if self.train and self.random_crop else None, flip)
         return {
             "image": crop.pixels,
-            "caption": caption,
-            "lang": lang,
             "key": raw["__key__"],
             "original_size": crop.original_size,
             "crop_top_left": crop.crop_top_left,
             "target_size": (self.resolution, self.resolution),
-            "aesthetic_score": score,
         }
 
     def _check_aesthetic(self, score: float) -> None:
@@ -422,7 +477,16 @@ class ImageTextStream(ShardStream):
             yield example
 
     def _collate_items(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_examples(examples)
+        states = [example.pop("llm_states", None) for example in examples]
+        pixels = {"image" in example for example in examples}
+        if len(pixels) > 1:
+            raise RuntimeError("a batch mixes cached and uncached image-text samples: cache every source "
+                               "(scripts/cache_features.py) or none")
+        batch = collate_examples(examples)
+        # Cached LLM features are used when every sample of the batch has them.
+        if all(s is not None for s in states):
+            batch["llm_states"], batch["llm_mask"] = pad_states(states)
+        return batch
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -459,6 +523,7 @@ class ImageTextDataModule(ShardDataModule):
         min_aesthetic: float | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         tokenizers: Mapping[str, Tokenizer] | None = None,
+        llm_signature: Mapping[str, Any] | None = None,
     ):
         super().__init__(train, val, batch_size, val_batch_size, num_workers, shuffle_buffer, seed)
         if resolution < 1 or max_pixels < 1 or min_size < 0:
@@ -477,6 +542,7 @@ class ImageTextDataModule(ShardDataModule):
             min_aesthetic=min_aesthetic,
             max_pixels=max_pixels,
             language_weights=language_weights,
+            llm_signature=llm_signature,
         )
         # Validation: centred crops, the first English caption, nothing dropped or flipped.
         self.val_decoder = ImageTextDecoder(
@@ -487,6 +553,7 @@ class ImageTextDataModule(ShardDataModule):
             min_size=min_size,
             min_aesthetic=min_aesthetic,
             max_pixels=max_pixels,
+            llm_signature=llm_signature,
         )
         self.set_tokenizers(tokenizers)
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from datamodules.cached import sample_latents
 from lightning_modules.adapter import QueryAdapter
 from lightning_modules.base import StageModule, unwrap
 from lightning_modules.diffusion import (
@@ -82,18 +83,24 @@ class Stage2EndToEnd(StageModule):
                                 tokens["attention_mask"].to(self.device), grouped=not self.sharded)
 
     @torch.no_grad()
-    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> what the UNet denoises (VAE latents; pixels for the demo)."""
-        if self.vae is None:
-            x0 = images
+    def to_model_space(self, batch: dict) -> torch.Tensor:
+        """The batch's images in [-1, 1] -> what the UNet denoises (VAE latents; pixels for the
+        demo). Cached VAE moments (scripts/cache_features.py) are sampled exactly as the VAE would."""
+        if "moments" in batch:
+            x0 = sample_latents(batch["moments"].to(self.device), self.vae.dtype, self.vae.config.scaling_factor)
+        elif self.vae is None:
+            x0 = batch["image"].to(self.device)
         else:
-            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+            latents = self.vae.encode(batch["image"].to(self.device, self.vae.dtype)).latent_dist.sample()
             x0 = (latents * self.vae.config.scaling_factor).float()
         return x0.contiguous(memory_format=torch.channels_last) if self.cfg.speed.channels_last else x0
 
     def _conditioning(self, batch: dict) -> tuple[torch.Tensor, dict | None]:
-        tokens = batch.get("student_tokens") or self.text_encoder.tokenizer(batch["caption"])
-        cond = self.encode_prompts(tokens)
+        if "llm_states" in batch:  # cached LLM features: the adapter only
+            cond = self.adapter(batch["llm_states"].to(self.device), batch["llm_mask"].to(self.device))
+        else:
+            tokens = batch.get("student_tokens") or self.text_encoder.tokenizer(batch["caption"])
+            cond = self.encode_prompts(tokens)
         added = None
         if self.cfg.model.kind == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(self.device)
@@ -105,7 +112,7 @@ class Stage2EndToEnd(StageModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.count_skipped(batch)
         size = self.batch_size_of(batch)
-        x0 = self.to_model_space(batch["image"].to(self.device))
+        x0 = self.to_model_space(batch)
         context, added = self._conditioning(batch)
         loss = diffusion_loss(self.unet, self.noise_scheduler, x0, context, self.loss_options, added).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -128,7 +135,7 @@ class Stage2EndToEnd(StageModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss at fixed timesteps with fixed noise: comparable across validations and runs."""
         size = self.batch_size_of(batch)
-        x0 = self.to_model_space(batch["image"].to(self.device))
+        x0 = self.to_model_space(batch)
         context, added = self._conditioning(batch)
         no_perturbation = DiffusionLossConfig(self.loss_options.min_snr_gamma, 0.0, 0.0)
         total = 0.0

@@ -1,0 +1,85 @@
+"""Cached features in image-text shards: what `scripts/cache_features.py` writes and the
+stage-2/3 datamodule reads instead of images (and, optionally, instead of running the LLM).
+
+Per sample, beside the original `KEY.txt` and `KEY.json`:
+
+- `KEY.moments.npy`: the VAE encoder's output for the centre crop, [2C, h, w] (mean and
+  log-variance, the parameters of the latent distribution). Training samples from it as
+  the VAE would (`sample_latents`), so a cached batch gives the same loss as the image
+  would with the same random state. Stored in the VAE's dtype (bf16 as float32: numpy has
+  no bf16, and the widening is exact).
+- `KEY.pixels.npy`: for pixel-space bases (the demo), the centre crop as uint8 [3, R, R].
+- `KEY.llm.npz` (optional): the frozen LLM's features in float16, one array per caption,
+  named `LANG/INDEX` in the order `caption_candidates` lists them, trimmed to the caption's
+  own tokens (the mask is all ones up to that length), plus `empty` for the empty prompt
+  that caption dropout feeds.
+- `KEY.json` gains `linguadiff_cache`: resolution, `original_size` and `crop_top_left` of the
+  crop (SDXL's micro-conditioning), and the LLM settings the features were made with;
+  features from another LLM setting are ignored (the LLM then runs as usual).
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+MOMENTS, PIXELS, LLM_STATES = "moments.npy", "pixels.npy", "llm.npz"
+CACHE_MEMBERS = frozenset((MOMENTS, PIXELS, LLM_STATES))
+META_KEY = "linguadiff_cache"
+# The LLM settings cached features depend on (config `llm` keys).
+LLM_SIGNATURE_KEYS = ("path", "revision", "layers", "layer_mix", "max_length", "add_bos")
+EMPTY = "empty"
+
+
+def llm_signature(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: (list(settings[key]) if key == "layers" else settings.get(key)) for key in LLM_SIGNATURE_KEYS}
+
+
+def to_npy(array: torch.Tensor | np.ndarray) -> bytes:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def from_npy(payload: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(payload), allow_pickle=False)
+
+
+def llm_npz(states: Mapping[str, torch.Tensor]) -> bytes:
+    """{name: [T, D]} -> npz bytes (float16)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: s.detach().cpu().to(torch.float16).numpy() for name, s in states.items()})
+    return buffer.getvalue()
+
+
+def read_llm_npz(payload: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def caption_name(lang: str, index: int) -> str:
+    return f"{lang}/{index}"
+
+
+def sample_latents(moments: torch.Tensor, dtype: torch.dtype, scaling_factor: float) -> torch.Tensor:
+    """What `vae.encode(x).latent_dist.sample() * scaling_factor` gives, from cached moments."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return (DiagonalGaussianDistribution(moments.to(dtype)).sample() * scaling_factor).float()
+
+
+def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T_i, D] float16 -> features [B, T, D] float32 (zeros after each one's end) and mask [B, T]."""
+    width = max(1, max(s.shape[0] for s in states))
+    features = torch.zeros(len(states), width, states[0].shape[1])
+    mask = torch.zeros(len(states), width, dtype=torch.bool)
+    for i, s in enumerate(states):
+        features[i, : s.shape[0]] = s.float()
+        mask[i, : s.shape[0]] = True
+    return features, mask
