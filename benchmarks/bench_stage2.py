@@ -8,7 +8,7 @@ cheaper, so it is the reference (DESIGN.md's anchor: SDXL UNet, 1024 px, batch 8
 img/s on an H200). Everything here is measured, never asserted.
 
     python benchmarks/bench_stage2.py --preset demo --loader             # CPU, the committed demo
-    python benchmarks/bench_stage2.py --preset sdxl-7b --json OUT.json   # GPU, random SDXL + 7B
+    python benchmarks/bench_stage2.py --preset sdxl-7b --json OUT.json   # GPU, random SDXL + 7B (sd15-7b: SD1.5)
     python benchmarks/bench_stage2.py --preset sdxl-7b --tiny            # the GPU code path, tiny, on CPU
 
 The measured code is the project's: ``Stage2EndToEnd`` built around the parts (which sets
@@ -96,7 +96,19 @@ TINY_VAE = {**SDXL_VAE, "block_out_channels": (32, 32, 64, 64), "layers_per_bloc
 TINY_ADAPTER = ["adapter.dim=64", "adapter.num_queries=17", "adapter.encoder_layers=2", "adapter.decoder_layers=2",
                 "adapter.heads=4", "adapter.ffn_dim=128", "adapter.pooled_dim=32"]
 
-PRESETS = {"demo": ["stage=2"], "sdxl-7b": ["stage=2", "model=sdxl", "llm=qwen2.5-7b"]}
+# runwayml/stable-diffusion-v1-5: unet/config.json and vae/config.json (same noise schedule).
+SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": 8, "cross_attention_dim": 768,
+             "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "norm_num_groups": 32}
+SD15_VAE = {**SDXL_VAE, "sample_size": 512, "scaling_factor": 0.18215}
+PRESETS = {"demo": ["stage=2"], "sdxl-7b": ["stage=2", "model=sdxl", "llm=qwen2.5-7b"],
+           "sd15-7b": ["stage=2", "model=sd15", "llm=qwen2.5-7b"]}
+# Random-weight presets: (UNet config, VAE config, default batch) at real size, and --tiny's UNets.
+RANDOM_BASES = {"sdxl-7b": (SDXL_UNET, SDXL_VAE, 8), "sd15-7b": (SD15_UNET, SD15_VAE, 32)}
+TINY_UNETS = {"sdxl-7b": TINY_UNET,
+              "sd15-7b": {**SD15_UNET, "sample_size": 8, "layers_per_block": 1, "block_out_channels": (32, 64, 64, 64),
+                          "attention_head_dim": 4, "cross_attention_dim": 64}}
 # The parts of a step, in the order the instrumented pass times them.
 PARTS = ("data", "VAE encode", "LLM", "adapter fwd+bwd", "UNet fwd+bwd", "optimizer+clip+EMA")
 
@@ -112,9 +124,9 @@ def build_demo(cfg) -> tuple[LLMTextEncoder, Any, Any, Any]:
             load_noise_scheduler(m.path, cfg.diffusion.prediction_type))
 
 
-def build_random_sdxl_7b(cfg, folder: Path, device: torch.device, tiny: bool, llm_attn: str,
+def build_random_base_7b(cfg, preset: str, folder: Path, device: torch.device, tiny: bool, llm_attn: str,
                          with_vae: bool) -> tuple[LLMTextEncoder, Any, Any, Any]:
-    """Random Qwen2.5-7B, SDXL UNet and VAE, built on ``device`` in the dtypes training uses."""
+    """Random Qwen2.5-7B, SDXL (or SD1.5) UNet and VAE, built on ``device`` in the dtypes training uses."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer, Qwen2Config
 
@@ -129,8 +141,9 @@ def build_random_sdxl_7b(cfg, folder: Path, device: torch.device, tiny: bool, ll
     vae_dtype = torch_dtype(cfg.model.dtype) if cuda else torch.float32
     with torch.device(device):
         llm = AutoModel.from_config(llm_config, dtype=llm_dtype, attn_implementation=llm_attn)
-        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SDXL_UNET))  # fp32, as load_unet gives it
-        vae = freeze(AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE)).to(vae_dtype)) if with_vae else None
+        unet_config, vae_config, _ = RANDOM_BASES[preset]
+        unet = UNet2DConditionModel(**(TINY_UNETS[preset] if tiny else unet_config))  # fp32, as load_unet gives it
+        vae = freeze(AutoencoderKL(**(TINY_VAE if tiny else vae_config)).to(vae_dtype)) if with_vae else None
     scheduler = DDPMScheduler(**SDXL_SCHEDULER)
     if cfg.diffusion.prediction_type:
         scheduler.register_to_config(prediction_type=cfg.diffusion.prediction_type)
@@ -154,17 +167,20 @@ def _check_same(cfg, folder: Path, encoder, unet, vae, scheduler) -> None:
     diffs = {"LLM": (mine - real).abs().max().item()}
     generator = torch.Generator().manual_seed(0)
     c = unet.config
-    size, pooled = c.sample_size, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    size = c.sample_size
     x = torch.randn(2, c.in_channels, size, size, generator=generator)
     context = torch.randn(2, 5, c.cross_attention_dim, generator=generator)
-    added = {"text_embeds": torch.randn(2, pooled, generator=generator), "time_ids": torch.rand(2, 6, generator=generator)}
+    added = None
+    if c.addition_embed_type == "text_time":  # SDXL: pooled text and the size/crop ids
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2, pooled, generator=generator), "time_ids": torch.rand(2, 6, generator=generator)}
     t = torch.tensor([10, 900])
     real_unet = load_unet(str(base))
     diffs["UNet"] = (unet(x, t, context, added_cond_kwargs=added).sample
                      - real_unet(x, t, context, added_cond_kwargs=added).sample).abs().max().item()
     if vae is not None:
         vae.save_pretrained(base / "vae")
-        real_vae = load_vae(str(base), "sdxl", "float32")
+        real_vae = load_vae(str(base), cfg.model.kind, "float32")
         image = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
         diffs["VAE"] = (vae.encode(image).latent_dist.mean - real_vae.encode(image).latent_dist.mean).abs().max().item()
     real_scheduler = load_noise_scheduler(str(base), cfg.diffusion.prediction_type)
@@ -174,7 +190,8 @@ def _check_same(cfg, folder: Path, encoder, unet, vae, scheduler) -> None:
     print("self-check: in-memory vs the project's loaders max |diff| "
           + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
           + f", masks equal {same_mask}, scheduler equal {same_scheduler}")
-    if max(diffs.values()) > 0 or not same_mask or not same_scheduler:
+    # Float noise only (SD1.5's UNet, loaded, picks its attention kernels anew: ~1e-6).
+    if max(diffs.values()) > 1e-5 or not same_mask or not same_scheduler:
         raise SystemExit("self-check failed: the in-memory models differ from the project's loaders")
 
 
@@ -250,7 +267,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true", help="diffusion.gradient_checkpointing=true")
     p.add_argument("--cached-latents", action="store_true",
                    help="time training from a latent cache: no VAE is built; rows b and e are skipped; the parts are f's")
-    p.add_argument("--compile", action="store_true", help="also time rows a and e/f with the UNet under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also time rows a and f (cached latents; e without them) with the UNet under torch.compile")
+    p.add_argument("--fsdp", action="store_true",
+                   help="also time row g: the full step (cached latents) with LLM, adapter and UNet wrapped as "
+                        "strategy=fsdp wraps them (one process: FSDP on one device); the last row, as it rewraps the parts")
+    p.add_argument("--only", default=None,
+                   help="comma-separated row letters to time (e.g. a,g); default: all that apply")
     p.add_argument("--no-ema", action="store_true", help="leave the EMA update out of the step (and free its copy)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for the fp32 matmuls left outside autocast")
     p.add_argument("--llm-attn", default="sdpa", help="attn_implementation of the random LLM (sdpa, eager, ...)")
@@ -280,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
     rng = setup_torch(args)
 
     overrides = list(PRESETS[args.preset]) + (TINY_ADAPTER if args.tiny else [])
+    if args.tiny and args.preset == "sd15-7b":
+        overrides.append("adapter.pooled_dim=null")  # SD1.5 has no pooled text input
     if args.gradient_checkpointing:
         overrides.append("diffusion.gradient_checkpointing=true")
     if args.resolution or args.tiny:
@@ -291,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
         del cfg["data"]  # its resolvers would build the demo shards: sdxl-7b reads no data
     cfg = resolve(cfg)
     resolution = int(cfg.model.resolution)
-    batch_size = args.batch_size or (int(cfg.data.batch_size) if args.preset == "demo" else 2 if args.tiny else 8)
+    batch_size = args.batch_size or (int(cfg.data.batch_size) if args.preset == "demo" else 2 if args.tiny
+                                     else RANDOM_BASES[args.preset][2])
     autocast = cuda  # as Lightning's bf16-mixed (precision "auto" on GPUs); fp32 on CPUs
 
     info: dict[str, Any] = {
@@ -319,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.preset == "demo":
             encoder, unet, vae, scheduler = build_demo(cfg)
         else:
-            encoder, unet, vae, scheduler = build_random_sdxl_7b(cfg, Path(tmp), device, args.tiny, args.llm_attn,
+            encoder, unet, vae, scheduler = build_random_base_7b(cfg, args.preset, Path(tmp), device, args.tiny, args.llm_attn,
                                                                  with_vae=not args.cached_latents)
         a = cfg.adapter
         with torch.device(device):
@@ -511,22 +537,29 @@ def main(argv: list[str] | None = None) -> dict:
 
         n = batch_size
         flops: dict[str, float | None] = {}
-        reference = add(measure("a UNet train step (reference)", unet_step, n, args, device, optimizer))
-        flops["a"] = reference.tflops * reference.ms_per_step / 1e3 * 1e12 if reference.tflops else None
+        wanted = set(args.only.split(",")) if args.only else None
+
+        def timed(key: str, name: str, step, **kwargs) -> Row | None:
+            if wanted is not None and key not in wanted:
+                return None
+            row = add(measure(name, step, n, args, device, optimizer, **kwargs))
+            flops.setdefault(key, row.tflops * row.ms_per_step / 1e3 * 1e12 if row.tflops else None)
+            return row
+
+        timed("a", "a UNet train step (reference)", unet_step)
         if module.vae is not None:
-            add(measure("b VAE encode (no grad)", vae_encode, n, args, device, optimizer))
-        add(measure("c LLM forward (no grad)", llm_forward, n, args, device, optimizer))
-        add(measure("d adapter fwd+bwd", adapter_step, n, args, device, optimizer))
+            timed("b", "b VAE encode (no grad)", vae_encode)
+        timed("c", "c LLM forward (no grad)", llm_forward)
+        timed("d", "d adapter fwd+bwd", adapter_step)
         main_key = "f" if cached else "e"
         if not cached:
-            name = "e full step, on the fly" + (" (with loader)" if args.preset == "demo" else "")
-            row = add(measure(name, full_step(False), n, args, device, optimizer))
-            flops["e"] = row.tflops * row.ms_per_step / 1e3 * 1e12 if row.tflops else None
-        shares.update(part_shares(main_key, instrumented_step, cached, args, device, optimizer))
-        save()
-        if vae is not None or cached:
-            row = add(measure("f full step, cached latents", full_step(True), n, args, device, optimizer))
-            flops["f"] = row.tflops * row.ms_per_step / 1e3 * 1e12 if row.tflops else None
+            timed("e", "e full step, on the fly" + (" (with loader)" if args.preset == "demo" else ""), full_step(False))
+        if wanted is None or "parts" in wanted:
+            shares.update(part_shares(main_key, instrumented_step, cached, args, device, optimizer))
+            save()
+        latents = vae is not None or cached
+        if latents:
+            timed("f", "f full step, cached latents", full_step(True))
 
         if args.compile:
             started_compile = time.perf_counter()
@@ -538,13 +571,20 @@ def main(argv: list[str] | None = None) -> dict:
             except torch.cuda.OutOfMemoryError:
                 print("  torch.compile of the UNet: out of memory on the first step", flush=True)
             free_memory(optimizer)
-            add(measure("a' UNet train step, compiled", unet_step, n, args, device, optimizer, flops=flops["a"]))
-            add(measure(f"{main_key}' full step, UNet compiled", full_step(cached), n, args, device, optimizer,
-                        flops=flops.get(main_key)))
+            timed("a'", "a' UNet train step, compiled", unet_step, flops=flops.get("a"))
+            key = "f" if latents else "e"
+            timed(f"{key}'", f"{key}' full step, {'cached latents, ' if latents else ''}UNet compiled", full_step(latents),
+                  flops=flops.get(key))
+
+        if args.fsdp:
+            module.unet._compiled_call_impl = None  # FSDP wraps the eager UNet (strategy=fsdp refuses compile)
+            optimizer = wrap_like_fsdp(module, cfg, device, optimizer)
+            info["fsdp"] = "one process; units, bf16 mixed precision and activation checkpointing as strategy=fsdp"
+            timed("g", "g full step, cached latents, FSDP (1 device)", full_step(latents), flops=flops.get("f"))
 
     by_key = {r.name.split(" ")[0]: r for r in rows}
     ratios = {}
-    for key in ("e", "f", "e'", "f'"):
+    for key in ("e", "f", "g", "e'", "f'"):
         ref = by_key.get("a'" if key.endswith("'") else "a")
         if key in by_key and by_key[key].samples_per_s and ref is not None and ref.samples_per_s:
             ratios[f"{key}/{ref.name.split(' ')[0]}"] = by_key[key].samples_per_s / ref.samples_per_s
@@ -554,6 +594,40 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return result
+
+
+def wrap_like_fsdp(module: Stage2EndToEnd, cfg, device: torch.device, optimizer) -> torch.optim.Optimizer:
+    """Wrap the LLM, adapter and UNet in FSDP units as strategy=fsdp does (linguadiff/strategy.py:
+    the same units, mixed precision and activation checkpointing), each part its own root,
+    since the benchmark calls the parts rather than the module's forward. Returns the new
+    optimizer (the old one's states are dropped first)."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from linguadiff.strategy import check_units, fsdp_units, mixed_precision
+
+    optimizer.state.clear()
+    free_memory(optimizer)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="tcp://127.0.0.1:29517",
+                                rank=0, world_size=1)
+    units = fsdp_units(module, bool(cfg.fsdp.activation_checkpointing))
+    check_units(module, units)
+    precision = mixed_precision("bf16-mixed" if device.type == "cuda" else "32-true")
+    for name in ("text_encoder", "adapter", "unet"):
+        wrapped = FSDP(getattr(module, name), auto_wrap_policy=units.wrap_policy(), mixed_precision=precision,
+                       device_id=device, use_orig_params=True, limit_all_gathers=True)
+        if units.checkpoint:
+            apply_activation_checkpointing(
+                wrapped, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+                auto_wrap_policy=units.checkpoint_policy())
+        setattr(module, name, wrapped)
+    return module.configure_optimizers()["optimizer"]
 
 
 def bare_trainer(device: torch.device, autocast: bool):

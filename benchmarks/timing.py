@@ -85,10 +85,10 @@ def measure(name: str, step: Callable[[], object], batch: int, args, device: tor
 
 
 def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, gpu_iters: int, gpu_warmup: int) -> argparse.Namespace:
-    """Shared option rules: --tiny means the sdxl-7b path on the CPU; iteration defaults per device."""
-    if args.tiny and args.preset != "sdxl-7b":
-        parser.error("--tiny runs the sdxl-7b code path: use it with --preset sdxl-7b")
-    default_device = "cuda" if args.preset == "sdxl-7b" and not args.tiny else "cpu"
+    """Shared option rules: --tiny means a random-weight preset's path on the CPU; iteration defaults per device."""
+    if args.tiny and not args.preset.endswith("-7b"):
+        parser.error("--tiny runs a random-weight preset's code path: use it with --preset sdxl-7b (or sd15-7b)")
+    default_device = "cuda" if args.preset != "demo" and not args.tiny else "cpu"
     args.device = torch.device(args.device or default_device)
     on_gpu = args.device.type == "cuda"
     args.iters = args.iters if args.iters is not None else (gpu_iters if on_gpu else 3)

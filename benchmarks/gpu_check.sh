@@ -1,0 +1,30 @@
+#!/bin/bash
+# The GPU checks of scale-out in one script (about 8 minutes on an H200; results in $OUT):
+#   1. SDXL stage 2 at 1024 px, batch 8, random weights + random Qwen2.5-7B: the UNet-alone step,
+#      the full step on the fly, with cached latents, and with cached latents + a compiled UNet;
+#   2. the same with FSDP on one GPU (a separate process: it rewraps the parts);
+#   3. (PART=2) SD1.5 at 512 px, batch 32: UNet alone and cached latents, eager and compiled,
+#      and the demo trained through strategy=fsdp in bf16 for a few steps.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh          # parts 1-2
+#   PART=2 OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 3
+set -u
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+bench() {  # name, timeout, args...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name: python benchmarks/bench_stage2.py $*"
+    timeout "$limit" python benchmarks/bench_stage2.py "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tee "$OUT/$name.txt" | tail -25
+}
+if [ "${PART:-1}" = 1 ]; then
+    bench sdxl 390 --preset sdxl-7b --compile --iters 4 --warmup 2 --no-flops --only "a,e,f,a',f'"
+    bench sdxl_fsdp 150 --preset sdxl-7b --cached-latents --fsdp --iters 4 --warmup 2 --no-flops --only a,g
+else
+    bench sd15 240 --preset sd15-7b --cached-latents --compile --iters 5 --warmup 2 --no-flops --only "a,f,a',f'"
+    echo "=== demo stage 1 + 2 through strategy=fsdp, bf16, one GPU"
+    timeout 150 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=30 run_dir="$OUT/fsdp1" 2>&1 | grep -E "FSDP|global batch|step 30|Exported|Error|error" | tail -8
+    timeout 150 python train.py stage=2 strategy=fsdp trainer.devices=1 trainer.max_steps=30 init_from="$OUT/fsdp1" samples.every_n_steps=30 run_dir="$OUT/fsdp2" 2>&1 | grep -E "FSDP|global batch|step 30|Exported|Sample|Error|error" | tail -8
+fi
