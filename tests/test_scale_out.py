@@ -229,3 +229,17 @@ def test_ranks_draw_different_random_numbers_and_states_round_trip():
     cfg = OmegaConf.create({"trainer": {"strategy": "bogus"}})
     with pytest.raises(ConfigError, match="trainer.strategy"):
         build_strategy(cfg, torch.nn.Linear(1, 1), "32-true")
+
+
+def test_speed_options_apply_in_place_and_name_bad_parts(world, stage1_run, tmp_path):
+    cfg = _stage2_cfg(world, stage1_run, tmp_path, **{"speed.channels_last": "true", "speed.compile": "[adapter]"})
+    module = stage_class(2).from_config(cfg)
+    conv = module.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert module.adapter._compiled_call_impl is not None  # compiled in place: weight names unchanged
+    assert all(not name.startswith("_orig_mod") for name, _ in module.named_parameters())
+    bad = stage_args(world, tmp_path / "bad", 2, init_from=stage1_run, **{"speed.compile": "[unett]"})
+    assert train.main(bad) == 2
+    fsdp_and_compile = stage_args(world, tmp_path / "bad2", 2, init_from=stage1_run, strategy="fsdp",
+                                  **{"trainer.accelerator": "cpu", "speed.compile": "[unet]"})
+    assert train.main(fsdp_and_compile) == 2
