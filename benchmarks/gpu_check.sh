@@ -3,8 +3,8 @@
 #   1. SDXL stage 2 at 1024 px, batch 8, random weights + random Qwen2.5-7B: the UNet-alone step,
 #      the full step on the fly, with cached latents, and with cached latents + a compiled UNet;
 #   2. the same with FSDP on one GPU (a separate process: it rewraps the parts);
-#   3. (PART=2) SD1.5 at 512 px, batch 32: UNet alone and cached latents, eager and compiled,
-#      and the demo trained through strategy=fsdp in bf16 for a few steps.
+#   3. (PART=2) the demo trained through strategy=fsdp in bf16 for a few steps (stages 1 and 2),
+#      then SD1.5 at 512 px, batch 32: UNet alone and cached latents, eager and compiled.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh          # parts 1-2
 #   PART=2 OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 3
@@ -23,8 +23,12 @@ if [ "${PART:-1}" = 1 ]; then
     bench sdxl 390 --preset sdxl-7b --compile --iters 4 --warmup 2 --no-flops --only "a,e,f,a',f'"
     bench sdxl_fsdp 150 --preset sdxl-7b --cached-latents --fsdp --iters 4 --warmup 2 --no-flops --only a,g
 else
-    bench sd15 240 --preset sd15-7b --cached-latents --compile --iters 5 --warmup 2 --no-flops --only "a,f,a',f'"
     echo "=== demo stage 1 + 2 through strategy=fsdp, bf16, one GPU"
-    timeout 150 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=30 run_dir="$OUT/fsdp1" 2>&1 | grep -E "FSDP|global batch|step 30|Exported|Error|error" | tail -8
-    timeout 150 python train.py stage=2 strategy=fsdp trainer.devices=1 trainer.max_steps=30 init_from="$OUT/fsdp1" samples.every_n_steps=30 run_dir="$OUT/fsdp2" 2>&1 | grep -E "FSDP|global batch|step 30|Exported|Sample|Error|error" | tail -8
+    timeout 75 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
+        checkpoint.every_n_steps=10 run_dir="$OUT/fsdp1" 2>&1 | grep -E "FSDP|global batch|step 20|Exported|Error|error" | tail -8
+    timeout 75 python train.py stage=2 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
+        checkpoint.every_n_steps=10 init_from="$OUT/fsdp1" samples.every_n_steps=20 run_dir="$OUT/fsdp2" 2>&1 \
+        | grep -E "FSDP|global batch|step 20|Exported|Sample|Error|error" | tail -8
+    ls "$OUT/fsdp2/checkpoints/last.ckpt" "$OUT/fsdp2/export" 2>&1 | tail -8
+    bench sd15 150 --preset sd15-7b --cached-latents --compile --iters 4 --warmup 2 --no-flops --only "a,f,a',f'"
 fi
