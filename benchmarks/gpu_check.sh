@@ -24,11 +24,11 @@ if [ "${PART:-1}" = 1 ]; then
     bench sdxl_fsdp 150 --preset sdxl-7b --cached-latents --fsdp --iters 4 --warmup 2 --no-flops --only a,g
 else
     echo "=== demo stage 1 + 2 through strategy=fsdp, bf16, one GPU"
-    timeout 75 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
+    timeout 120 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
         checkpoint.every_n_steps=10 run_dir="$OUT/fsdp1" 2>&1 | grep -E "FSDP|global batch|step 20|Exported|Error|error" | tail -8
-    timeout 75 python train.py stage=2 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
+    timeout 90 python train.py stage=2 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
         checkpoint.every_n_steps=10 init_from="$OUT/fsdp1" samples.every_n_steps=20 run_dir="$OUT/fsdp2" 2>&1 \
         | grep -E "FSDP|global batch|step 20|Exported|Sample|Error|error" | tail -8
     ls "$OUT/fsdp2/checkpoints/last.ckpt" "$OUT/fsdp2/export" 2>&1 | tail -8
-    bench sd15 150 --preset sd15-7b --cached-latents --compile --iters 4 --warmup 2 --no-flops --only "a,f,a',f'"
+    bench sd15 ${SD15_LIMIT:-150} --preset sd15-7b --cached-latents ${SD15_COMPILE:---compile} --iters 4 --warmup 2 --no-flops --only "a,f,a',f'"
 fi
