@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import train
+from tests.test_scale_out import _StateProbe
 from tests.test_stage1_training import assets, scalars, tiny_args  # noqa: F401  (module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,15 @@ def test_sigusr1_checkpoints_stops_and_resumes(assets, tmp_path):  # noqa: F811
     assert 10 <= stopped < 1_000_000
     assert not (run_dir / "export" / "adapter.safetensors").exists()  # unfinished: nothing exported
 
-    # The same command with a reachable max_steps goes on from there, and finishes.
-    assert train.main(tiny_args(assets, run_dir, **{**endless, "trainer.max_steps": stopped + 3})) == 0
+    # The same command with a reachable max_steps goes on from there, with the optimizer,
+    # schedule and random state the signal's checkpoint holds, and finishes.
+    probe = _StateProbe()
+    longer = tiny_args(assets, run_dir, **{**endless, "trainer.max_steps": stopped + 3})
+    assert train.main(longer, extra_callbacks=(probe.callback,)) == 0
+    assert probe.step == stopped and probe.scheduler_epoch == ckpt["lr_schedulers"][0]["last_epoch"]
+    for index, state in ckpt["optimizer_states"][0]["state"].items():
+        assert all(torch.equal(probe.optimizer[index][name], value) for name, value in state.items())
+    assert torch.equal(probe.rng, ckpt["callbacks"]["RNGState"]["states"][0]["torch"])
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == stopped + 3
     assert (run_dir / "export" / "adapter.safetensors").is_file()

@@ -183,7 +183,7 @@ class _StateProbe:
                 probe.lr = [g["lr"] for g in optimizer.param_groups]
                 probe.scheduler_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
                 probe.optimizer = {k: {n: v.clone() for n, v in st.items()} for k, st in enumerate(optimizer.state.values())}
-                probe.ema = pl_module.ema.state_dict()
+                probe.ema = pl_module.ema.state_dict() if hasattr(pl_module, "ema") else None
                 probe.rng = torch.get_rng_state().clone()  # after RNGState's on_train_start
 
         self.callback = Callback()
