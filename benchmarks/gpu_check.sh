@@ -8,7 +8,8 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh          # parts 1-2
 #   PART=2 OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 3
-set -u
+set -u -o pipefail
+failed=0
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -17,7 +18,8 @@ python -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.t
 bench() {  # name, timeout, args...
     local name=$1 limit=$2; shift 2
     echo "=== $name: python benchmarks/bench_stage2.py $*"
-    timeout "$limit" python benchmarks/bench_stage2.py "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tee "$OUT/$name.txt" | tail -25
+    timeout "$limit" python benchmarks/bench_stage2.py "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tee "$OUT/$name.txt" | tail -25 \
+        || { echo "!!! $name failed"; failed=1; }
 }
 if [ "${PART:-1}" = 1 ]; then
     bench sdxl 390 --preset sdxl-7b --compile --iters 4 --warmup 2 --no-flops --only "a,e,f,a',f'"
@@ -26,9 +28,11 @@ else
     echo "=== demo stage 1 + 2 through strategy=fsdp, bf16, one GPU"
     timeout 120 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
         checkpoint.every_n_steps=10 run_dir="$OUT/fsdp1" 2>&1 | grep -E "FSDP|global batch|step 20|Exported|Error|error" | tail -8
+    [ -f "$OUT/fsdp1/export/adapter.safetensors" ] || { echo "!!! FSDP stage 1 failed"; failed=1; }
     timeout 90 python train.py stage=2 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \
         checkpoint.every_n_steps=10 init_from="$OUT/fsdp1" samples.every_n_steps=20 run_dir="$OUT/fsdp2" 2>&1 \
         | grep -E "FSDP|global batch|step 20|Exported|Sample|Error|error" | tail -8
-    ls "$OUT/fsdp2/checkpoints/last.ckpt" "$OUT/fsdp2/export" 2>&1 | tail -8
-    bench sd15 ${SD15_LIMIT:-150} --preset sd15-7b --cached-latents ${SD15_COMPILE:---compile} --iters 4 --warmup 2 --no-flops --only "a,f,a',f'"
+    [ -d "$OUT/fsdp2/export/unet" ] || { echo "!!! FSDP stage 2 failed"; failed=1; }
+    [ "${SD15_LIMIT:-150}" = 0 ] || bench sd15 ${SD15_LIMIT:-150} --preset sd15-7b --cached-latents ${SD15_COMPILE:---compile} --iters 4 --warmup 2 --no-flops --only "a,f,a',f'"
 fi
+exit $failed

@@ -194,11 +194,15 @@ class StageModule(L.LightningModule):
             yield trainer.is_global_zero
             return
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
 
+        # Gathered to CPU memory when the weights really are sharded on GPUs; FSDP on one
+        # device runs unsharded (NO_SHARD), where it cannot offload (and need not).
+        sharded = trainer.world_size > 1 and trainer.strategy.sharding_strategy != ShardingStrategy.NO_SHARD
         with ExitStack() as stack:
             for name in self.cfg.train.trainable:
                 stack.enter_context(FSDP.summon_full_params(getattr(self, name), writeback=False, rank0_only=True,
-                                                            offload_to_cpu=self.device.type != "cpu"))
+                                                            offload_to_cpu=sharded and self.device.type != "cpu"))
             yield trainer.is_global_zero
 
     # ------------------------------------------------------------------ data health

@@ -11,6 +11,7 @@ what a requeued SLURM job does.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,23 @@ class RunDir:
             changed = _changed_keys(previous, cfg)
             if changed:
                 log.info("Relaunching %s with changed settings: %s", root, ", ".join(changed))
-        OmegaConf.save(cfg, saved, resolve=True)
+        if launch_rank() == 0:  # other ranks read it at most; a replace is atomic for them
+            partial = saved.with_name(f".config.yaml.{os.getpid()}")
+            OmegaConf.save(cfg, partial, resolve=True)
+            os.replace(partial, saved)
         step = checkpoint_step(last) if last.exists() else 0
         if last.exists():
             log.info("Resuming from %s (step %d)", last, step)
         return cls(root=root, checkpoint=last if last.exists() else None, resume_step=step)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher tells it (srun, torchrun, or Lightning's own
+    launcher, which starts ranks 1.. with LOCAL_RANK set); 0 for a single process."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return int(os.environ["LOCAL_RANK"]) if os.environ.get("LOCAL_RANK", "").isdigit() else 0
 
 
 def checkpoint_step(path: Path) -> int:

@@ -168,7 +168,10 @@ def mixed_precision(precision: str):
 
     if precision == "bf16-mixed":
         # buffer_dtype=None: buffers keep theirs (an LLM's rotary inv_freq must stay fp32).
-        return MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=None)
+        # cast_forward_inputs: every unit casts its float inputs to bf16, so the parts also
+        # work when called directly (sample grids call the adapter and UNet, not the module).
+        return MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=None,
+                              cast_forward_inputs=True)
     if precision in ("32-true", "32"):
         return None
     raise ConfigError(f"strategy=fsdp supports trainer.precision bf16-mixed or 32-true, got {precision!r}")

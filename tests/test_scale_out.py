@@ -122,6 +122,7 @@ def test_fsdp_units_separate_frozen_from_trained(world, stage1_run, tmp_path):
     assert isinstance(strategy, ShardedFSDPStrategy) and strategy._state_dict_type == "sharded"
     mp = strategy.mixed_precision
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, None)
+    assert mp.cast_forward_inputs  # parts called directly (sample grids) get bf16 inputs too
     assert mixed_precision("32-true") is None
     assert strategy.kwargs["use_orig_params"] is True
 
@@ -133,8 +134,10 @@ def test_fsdp_units_separate_frozen_from_trained(world, stage1_run, tmp_path):
 
 def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, stage1_run, tmp_path):
     run_dir = tmp_path / "run"
+    # bf16 mixed precision as on GPUs: sample grids call FSDP units directly (caught on a GPU).
     common = {"init_from": stage1_run, "strategy": "fsdp", "trainer.accelerator": "cpu", "trainer.devices": 2,
-              "checkpoint.every_n_steps": 2, "trainer.val_check_interval": 2, "samples.every_n_steps": 4}
+              "trainer.precision": "bf16-mixed", "checkpoint.every_n_steps": 2, "trainer.val_check_interval": 2,
+              "samples.every_n_steps": 4}
     _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 2}))
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
