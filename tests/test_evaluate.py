@@ -408,12 +408,15 @@ def test_evaluate_a_diffusers_sd15_run_with_a_local_clip(assets, eval_data, clip
     run_dir = tmp_path / "run"
     args = tiny_args({**assets, "sd15": base}, run_dir, **{"trainer.max_steps": 2, "trainer.val_check_interval": 2})
     assert train.main(args) == 0
+    head = tmp_path / "head.safetensors"  # a constant head (zero weights, bias 5): its mean is 5 whatever CLIP says
+    save_file({"weight": torch.zeros(1, 16), "bias": torch.tensor([5.0])}, str(head))
     code = evaluate.main([f"run_dir={run_dir}", f"clip={clip_case[0]}", "sets=[captions,multilingual]", "languages=[en,zh]",
                           f"reference={eval_data['images32']}", "fid_features=clip", "tensorboard=false",
-                          *quick(fid_images=6, steps=1)])
+                          f"aesthetic_head={head}", *quick(fid_images=6, steps=1)])
     assert code == 0
     report = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    assert set(report["metrics"]) == {"fid", "kid_mean", "kid_std", "clip_score", "multilingual/clip_score/en",
+    assert report["metrics"]["aesthetic"] == pytest.approx(5.0)
+    assert set(report["metrics"]) == {"fid", "kid_mean", "kid_std", "clip_score", "aesthetic", "multilingual/clip_score/en",
                                       "multilingual/clip_score/zh", "multilingual/image_cosine/zh",
                                       "multilingual/image_cosine/non_english"}
     assert report["models"]["fid_features"]["name"].startswith("clip:") and report["stand_ins"] == []
@@ -431,6 +434,38 @@ def test_evaluate_explains_what_is_wrong(tmp_path, capsys):
     assert f"run_dir {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert evaluate.main([]) == 2
     assert "option 'run_dir' is required" in capsys.readouterr().err
+
+
+def test_inception_features_load_the_given_weights_or_say_which_option_to_set(monkeypatch):
+    """torch-fidelity is not installed here: a stand-in class records what torchmetrics' Inception gets."""
+    import torchmetrics.image.fid as tm_fid
+
+    calls = []
+
+    class FakeInception(nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            calls.append(kwargs)
+            if not str(kwargs["feature_extractor_weights_path"]).endswith(".pth"):
+                raise FileNotFoundError(kwargs["feature_extractor_weights_path"])
+
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", FakeInception)
+    space = feature_space("auto", "/models/weights-inception-2015-12-05-6726825d.pth", None)
+    assert space.name == "inception-v3" and not space.stand_in and space.extract.num_features == 2048
+    assert calls[-1] == {"name": "inception-v3-compat", "features_list": ["2048"],
+                         "feature_extractor_weights_path": "/models/weights-inception-2015-12-05-6726825d.pth"}
+    with pytest.raises(ConfigError, match="from inception_weights=/models/missing.*Offline, give inception_weights="):
+        feature_space("inception", "/models/missing", None)
+
+
+def test_an_aesthetic_head_of_another_width_than_the_clip_is_refused(clip_case, tmp_path):
+    from linguadiff.evaluation.runner import EvalSettings, SharedTools
+
+    torch.save({"weight": torch.zeros(1, 768), "bias": torch.zeros(1)}, tmp_path / "vit_l_14_head.pth")
+    settings = EvalSettings.from_args({**evaluate.OPTIONS, "clip": str(clip_case[0]),
+                                       "aesthetic_head": str(tmp_path / "vit_l_14_head.pth")}, "cpu", "float32")
+    with pytest.raises(ConfigError, match="reads 768-d embeddings but clip=.* gives 16-d ones"):
+        SharedTools(settings).aesthetic
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is not None, reason="torch-fidelity is installed here")

@@ -153,7 +153,8 @@ def load_clip(path: str, device: str | torch.device = "cpu") -> CLIPBundle:
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        model = CLIPModel.from_pretrained(path)
+        # float32 whatever the checkpoint stores: torchmetrics feeds the processor's float32 pixels as they are.
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32)
         processor = CLIPProcessor.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"option 'clip': cannot load a CLIP model and processor from {path!r} "

@@ -22,9 +22,10 @@ METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
 TENSORBOARD_SUBDIR = "eval"
 
-# Metrics where smaller is better; kid_std and counts have no direction, the rest higher is better.
-_LOWER_IS_BETTER = ("fid", "kid_mean", "text/loss/")
-_NO_DIRECTION = ("kid_std", "text/recall_pool_size")
+# Metrics where smaller is better; spreads and counts have no direction; for the rest higher is better.
+_LOWER_IS_BETTER = {"fid", "kid_mean"}
+_LOWER_IS_BETTER_FAMILIES = ("text/loss/",)
+_NO_DIRECTION = {"kid_std", "text/recall_pool_size"}
 
 
 @dataclass
@@ -49,7 +50,8 @@ class Report:
                 if isinstance(info, dict) and info.get("stand_in")]
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.header, "stand_ins": self.stand_ins(), "models": self.models, "metrics": self.metrics,
+        metrics = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}  # JSON has no NaN
+        return {**self.header, "stand_ins": self.stand_ins(), "models": self.models, "metrics": metrics,
                 "counts": self.counts, "skipped": self.skipped, "timings_s": {k: round(v, 2) for k, v in self.timings_s.items()}}
 
     def write(self) -> Path:
@@ -70,7 +72,7 @@ def direction(metric: str) -> str:
     """'lower' / 'higher' is better, or '' (a count or a spread)."""
     if metric in _NO_DIRECTION:
         return ""
-    return "lower" if metric in _LOWER_IS_BETTER or metric.startswith(_LOWER_IS_BETTER[-1]) else "higher"
+    return "lower" if metric in _LOWER_IS_BETTER or metric.startswith(_LOWER_IS_BETTER_FAMILIES) else "higher"
 
 
 def format_value(metric: str, value: float | None) -> str:
