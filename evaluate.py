@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(comparison_table(run_names(run_dirs), [r.metrics for r in reports]))
     for report in reports:
         for warning in report.stand_ins():
-            print(f"note ({report.run_dir.name}): stand-in {warning}")
+            print(f"note ({report.run_dir.name}): {warning}")
     return 0
 
 
