@@ -371,6 +371,32 @@ def load_run_config(run_dir: Path) -> DictConfig | None:
     return OmegaConf.load(path) if path.is_file() else None
 
 
+def run_header(run_dir: Path, generator: Generator, settings: EvalSettings) -> dict[str, Any]:
+    """What metrics.json says about the run and the drawing settings (the run's defaults filled in)."""
+    meta = generator.metadata
+    return {
+        "run_dir": str(run_dir), "stage": meta.get("stage"), "global_step": meta.get("global_step"),
+        "base_model": meta.get("base_model", {}).get("name"), "llm": meta.get("llm", {}).get("name"),
+        "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "settings": settings.describe(),
+        "sampling": {name: getattr(settings, name) if getattr(settings, name) is not None else generator.defaults.get(name)
+                     for name in ("scheduler", "steps", "guidance")},
+    }
+
+
+def models_used(settings: EvalSettings, tools: SharedTools) -> dict[str, Any]:
+    """Which CLIP, FID features and aesthetic head made the numbers, stand-ins marked as such."""
+    models: dict[str, Any] = {}
+    if {"captions", "multilingual", "long"} & set(settings.sets):
+        clip = tools.clip
+        models["clip"] = {"name": clip.name, "stand_in": clip.stand_in,
+                          "description": clip.name if clip.stand_in else f"CLIP from {settings.clip}"}
+    if tools.distance is not None:
+        space = tools.distance.space
+        models["fid_features"] = {"name": space.name, "stand_in": space.stand_in, "description": space.description}
+    models["aesthetic_head"] = settings.aesthetic_head
+    return models
+
+
 def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> Report:
     """Evaluate one run's export; writes run_dir/eval/metrics.json, grid.png and TensorBoard."""
     from callbacks.sample_images import image_grid
@@ -378,14 +404,8 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> R
     started = time.perf_counter()
     generator = Generator.from_run(run_dir, device=settings.device, dtype=settings.dtype, base_path=settings.base,
                                    llm_path=settings.llm)
-    meta, demo = generator.metadata, generator.kind == "demo"
-    report = Report(run_dir, header={
-        "run_dir": str(run_dir), "stage": meta.get("stage"), "global_step": meta.get("global_step"),
-        "base_model": meta.get("base_model", {}).get("name"), "llm": meta.get("llm", {}).get("name"),
-        "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "settings": settings.describe(),
-        "sampling": {name: getattr(settings, name) if getattr(settings, name) is not None else generator.defaults.get(name)
-                     for name in ("scheduler", "steps", "guidance")},
-    })
+    demo = generator.kind == "demo"
+    report = Report(run_dir, header=run_header(run_dir, generator, settings))
     report.timings_s["load"] = time.perf_counter() - started
     drawer = Drawer(generator, settings.steps, settings.guidance, settings.scheduler, settings.batch_size)
     grid_rows: list[list[Image.Image]] = []
@@ -402,13 +422,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> R
             text_set(generator, load_run_config(run_dir), settings, report)
         report.timings_s[name] = time.perf_counter() - set_started
         log.info("%s: %s set done in %.1f s", run_dir.name, name, report.timings_s[name])
-    if {"captions", "multilingual", "long"} & set(settings.sets):
-        report.models["clip"] = {"name": tools.clip.name, "stand_in": tools.clip.stand_in,
-                                 "description": tools.clip.name if tools.clip.stand_in else f"CLIP from {settings.clip}"}
-    if tools.distance is not None:
-        space = tools.distance.space
-        report.models["fid_features"] = {"name": space.name, "stand_in": space.stand_in, "description": space.description}
-    report.models["aesthetic_head"] = settings.aesthetic_head
+    report.models = models_used(settings, tools)
     report.metrics = {k: v for k, v in report.metrics.items() if v is not None}
     grid = image_grid([row for row in grid_rows if row]) if any(grid_rows) else None
     if grid is not None:
@@ -417,6 +431,6 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> R
     report.timings_s["total"] = time.perf_counter() - started
     path = report.write()
     if settings.tensorboard:
-        write_tensorboard(run_dir, int(meta.get("global_step") or 0), report.metrics, grid)
+        write_tensorboard(run_dir, int(generator.metadata.get("global_step") or 0), report.metrics, grid)
     log.info("%s: wrote %s (%.1f s)", run_dir.name, path, report.timings_s["total"])
     return report
