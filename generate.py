@@ -61,12 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import torch
+    from linguadiff.generation import Generator, resolve_device
 
-    from linguadiff.generation import Generator
-
-    device = args["device"] if args["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args["dtype"] if args["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = resolve_device(args["device"], args["dtype"])
     try:
         generator = Generator.from_run(args["run_dir"], device=device, dtype=dtype, base_path=args["base"], llm_path=args["llm"])
     except FileNotFoundError as err:

@@ -15,23 +15,30 @@ import json
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from datamodules import demo_data
 from linguadiff.cli import parse_args
 from linguadiff.config import PROJECT_ROOT, ConfigError
 
 
 def colour_accuracy(generator, languages=demo_data.LANGUAGES, per_prompt: int = 4, seed: int = 1000, **draw) -> dict:
-    """{lang: {"colour": acc, "shape": acc, "images": n}} (seeds differ from generate.py's default 0)."""
+    """{lang: {"colour": acc, "shape": acc, "aesthetic": mean, "images": n}} (seeds differ from generate.py's default 0)."""
     results = {}
     for lang in languages:
         prompts = demo_data.plain_prompts(lang)
         drawn = generator([p for p, _, _ in prompts], num_images=per_prompt, seed=seed, **draw)
-        colour = sum(demo_data.dominant_colour(im) == prompts[i][1] for i, _, im in drawn)
-        shape = sum(demo_data.classify_shape(im) == prompts[i][2] for i, _, im in drawn)
-        aesthetic = sum(demo_data.aesthetic_measure(im) for _, _, im in drawn) / len(drawn)
-        results[lang] = {"colour": colour / len(drawn), "shape": shape / len(drawn), "aesthetic": round(aesthetic, 3),
-                         "images": len(drawn)}
+        results[lang] = score_demo_images([(colour, shape) for _, colour, shape in prompts], drawn)
     return results
+
+
+def score_demo_images(labels: list[tuple[str, str]], drawn: list[tuple[int, int, Image.Image]]) -> dict:
+    """Read the drawn (prompt index, image index, image) back against each prompt's (colour, shape):
+    colour and shape accuracy and the mean aesthetic measure (evaluate.py scores its images here too)."""
+    colour = sum(demo_data.dominant_colour(im) == labels[i][0] for i, _, im in drawn)
+    shape = sum(demo_data.classify_shape(im) == labels[i][1] for i, _, im in drawn)
+    aesthetic = sum(demo_data.aesthetic_measure(im) for _, _, im in drawn) / len(drawn)
+    return {"colour": colour / len(drawn), "shape": shape / len(drawn), "aesthetic": round(aesthetic, 3), "images": len(drawn)}
 
 
 def format_table(results: dict, title: str) -> str:

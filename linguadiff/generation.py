@@ -8,6 +8,7 @@ The negative prompt goes through the same LLM + adapter, and prompts are batched
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length, tor
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """`auto`: the GPU when there is one, in bfloat16; else the CPU in float32."""
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, dtype
 
 
 def make_scheduler(name: str, config: dict[str, Any]):
@@ -121,15 +129,20 @@ class Generator:
         prompts: list[str],
         negative_prompt: str | None = None,
         num_images: int = 1,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         steps: int | None = None,
         guidance: float | None = None,
         scheduler: str | None = None,
         batch_size: int = 16,
     ) -> list[tuple[int, int, Image.Image]]:
         """Draw `num_images` per prompt; image j of every prompt uses seed `seed + j`, so
-        the same seed compares prompts (and languages) on the same starting noise.
-        Returns (prompt index, image index, image) triples."""
+        the same seed compares prompts (and languages) on the same starting noise. A list
+        of seeds gives each prompt its own (image j of prompt i: `seed[i] + j`), so a set of
+        different prompts is not drawn from one noise. Returns (prompt index, image index,
+        image) triples."""
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         steps = steps or self.defaults.get("steps", 50)
         guidance = guidance if guidance is not None else self.defaults.get("guidance", 7.5)
         negative_prompt = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
@@ -140,7 +153,7 @@ class Generator:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             cond = self.encoder([prompts[i] for i, _ in chunk])
-            generators = [torch.Generator().manual_seed(seed + j) for _, j in chunk]
+            generators = [torch.Generator().manual_seed(seeds[i] + j) for i, j in chunk]
             images = self._draw(cond, negative, len(chunk), steps, guidance, generators)
             results += [(i, j, im) for (i, j), im in zip(chunk, images)]
         return results

@@ -1,0 +1,97 @@
+"""Measure trained runs: ``python evaluate.py run_dir=PATH [key=value ...]``.
+
+    python evaluate.py run_dir=runs/demo1                              # the demo, offline, CPU
+    python evaluate.py run_dir=[runs/demo2,runs/demo3]                 # compare: one table, rows = metrics
+    python evaluate.py run_dir=/scratch/run2 clip=/models/clip-vit-large-patch14 \\
+        inception_weights=/models/weights-inception-2015-12-05-6726825d.pth \\
+        aesthetic_head=/models/sac+logos+ava1-l14-linearMSE.pth \\
+        reference=/data/coco/val2014 captions=/data/coco/annotations/captions_val2014.json fid_images=30000
+
+Writes run_dir/eval/metrics.json, run_dir/eval/grid.png (rows: prompts, columns: languages)
+and TensorBoard scalars eval/* in run_dir/tensorboard/eval, for each run, then prints one
+table. Where real weights are missing (no clip=, no inception_weights=) stand-ins keep the
+command running offline and metrics.json says so under "stand_ins". See README "Evaluating".
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from linguadiff.cli import parse_args
+from linguadiff.config import ConfigError
+
+OPTIONS = {
+    "run_dir": None,  # a run folder, or several: [a,b] or a,b (comparison mode)
+    "sets": None,  # which prompt sets to run: [captions,multilingual,long,text] (default: all)
+    "languages": None,  # [en,zh,fr,de,es,ja] by default; must include en
+    "multilingual": "auto",  # auto | demo | parallel | PATH.json (a list of {lang: prompt})
+    "captions": "auto",  # auto (the reference's captions) | PATH (COCO captions json or one prompt per line)
+    "long_prompts": "bundled",  # bundled | PATH (one prompt per line)
+    "reference": "auto",  # auto (the demo's held-out images on the demo) | none | FOLDER | SHARD_URLS
+    "reference_images": 0,  # at most this many reference images (0: all)
+    "text": "auto",  # auto | none | SHARD_URLS of held-out parallel text (stage-1 measures)
+    "text_pool": 0,  # retrieval pool size (0: the run's eval.retrieval_pool)
+    "num_images": 4,  # images per prompt in the multilingual and long sets
+    "fid_images": 400,  # captions drawn for FID / CLIP score (one image each); 30000 for COCO-30k
+    "seed": 1000,
+    "steps": None,  # default: the run's generate.steps
+    "guidance": None,
+    "scheduler": None,  # dpm++ | ddim | euler | ddpm
+    "batch_size": 32,
+    "clip": None,  # a CLIP folder (CLIPModel + CLIPProcessor, e.g. openai/clip-vit-large-patch14)
+    "fid_features": "auto",  # auto | inception | clip | pixels (stand-in)
+    "inception_weights": None,  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+    "aesthetic_head": None,  # LAION aesthetic head state dict (.pth / .safetensors)
+    "grid_prompts": 8,  # rows of the sample grid
+    "tensorboard": True,
+    "device": "auto",
+    "dtype": "auto",  # auto: bfloat16 on GPUs, float32 on CPUs
+    "base": None,  # override the base model path recorded in the export
+    "llm": None,  # override the LLM path recorded in the export
+}
+
+
+def run_dirs_of(value) -> list[Path]:
+    """The run folders named by run_dir (one, a [a,b] list or a,b); each must exist."""
+    from linguadiff.evaluation.runner import as_list
+
+    items = as_list(value, "run_dir")
+    if not items:
+        raise ConfigError("option 'run_dir' is required (run_dir=PATH, or run_dir=[A,B] to compare runs)")
+    paths = [Path(item).expanduser() for item in items]
+    for path in paths:
+        if not path.is_dir():
+            raise ConfigError(f"run_dir {path} does not exist")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train import setup_logging
+
+    setup_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, OPTIONS)
+        run_dirs = run_dirs_of(args["run_dir"])
+        from linguadiff.evaluation.report import comparison_table, run_names
+        from linguadiff.evaluation.runner import EvalSettings, SharedTools, evaluate_run
+        from linguadiff.generation import find_adapter, resolve_device
+
+        for run_dir in run_dirs:
+            find_adapter(run_dir)  # every run must have finished before any is measured
+        settings = EvalSettings.from_args(args, *resolve_device(args["device"], args["dtype"]))
+        tools = SharedTools(settings)
+        reports = [evaluate_run(run_dir, settings, tools) for run_dir in run_dirs]
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(comparison_table(run_names(run_dirs), [r.metrics for r in reports]))
+    for report in reports:
+        for warning in report.stand_ins():
+            print(f"note ({report.run_dir.name}): {warning}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The prompts an evaluation draws: bundled sets and caption files given by path.
+
+- multilingual (parallel) sets: the same prompts in several languages, index for index, so
+  images drawn from prompt i in every language share their seeds and can be compared.
+  Bundled: the demo's plain colour x shape prompts (`demo`, with the colour and shape each
+  one asks for) and `linguadiff/prompts/parallel.json` (16 everyday scenes in en, zh, fr,
+  de, es, ja). A user file has the same layout: a json list of ``{"en": ..., "zh": ...}``.
+- caption files, MS-COCO style: a COCO captions annotation json
+  (``{"annotations": [{"image_id": ..., "caption": ...}]}``, first caption of each image) or
+  plain text, one prompt per line. The CLIP score reads them, so they are English.
+- long prompts: `linguadiff/prompts/long.txt`, 24 English descriptions of about 100 words,
+  every one well past CLIP's 77 tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from datamodules import demo_data
+from linguadiff.config import ConfigError
+
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "prompts"
+BUNDLED_PARALLEL = BUNDLED_DIR / "parallel.json"
+BUNDLED_LONG = BUNDLED_DIR / "long.txt"
+REFERENCE_LANGUAGE = "en"  # the CLIP score reads English: every language is scored against it
+
+
+@dataclass(frozen=True)
+class ParallelSet:
+    """Prompts per language, aligned by index; `labels` are the demo's (colour, shape) per index."""
+
+    name: str
+    prompts: dict[str, list[str]]
+    labels: list[tuple[str, str]] | None = None
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts[REFERENCE_LANGUAGE])
+
+
+def _check_languages(languages: list[str], option: str = "languages") -> None:
+    if REFERENCE_LANGUAGE not in languages:
+        raise ConfigError(f"option '{option}' must include '{REFERENCE_LANGUAGE}' (the CLIP score is taken against English)")
+
+
+def demo_parallel_set(languages: list[str]) -> ParallelSet:
+    """The demo's plain prompts ("a red circle", "一个红色的圆形", ...): the same colour x shape x
+    template order in every language, so they are parallel as they stand."""
+    _check_languages(languages)
+    unknown = [lang for lang in languages if lang not in demo_data.LANGUAGES]
+    if unknown:
+        raise ConfigError(f"the demo prompts have no language {unknown[0]!r}; they have {', '.join(demo_data.LANGUAGES)}")
+    rows = {lang: demo_data.plain_prompts(lang) for lang in languages}
+    labels = [(colour, shape) for _, colour, shape in rows[REFERENCE_LANGUAGE]]
+    return ParallelSet("demo", {lang: [p for p, _, _ in rows[lang]] for lang in languages}, labels)
+
+
+def read_parallel_file(path: str | Path, languages: list[str]) -> ParallelSet:
+    """A json list of ``{lang: prompt}`` objects; every one must have every wanted language."""
+    _check_languages(languages)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"option 'multilingual': no such file {path}")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"option 'multilingual': {path} is not valid json: {err}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"option 'multilingual': {path} must hold a non-empty list of {{language: prompt}} objects")
+    for i, row in enumerate(rows):
+        missing = [lang for lang in languages if not isinstance(row.get(lang), str) or not row[lang].strip()]
+        if missing:
+            raise ConfigError(f"option 'multilingual': entry {i} of {path} has no {missing[0]!r} prompt "
+                              f"(set languages=[...] to the languages the file has)")
+    name = "parallel" if path == BUNDLED_PARALLEL else str(path)
+    return ParallelSet(name, {lang: [row[lang].strip() for row in rows] for lang in languages})
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Prompts from a COCO captions json (first caption per image, in file order) or a text file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"option 'captions': no such file {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() != ".json":
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        captions = _coco_captions(path, text)
+    if not captions:
+        raise ConfigError(f"option 'captions': {path} holds no caption")
+    return captions
+
+
+def _coco_captions(path: Path, text: str) -> list[str]:
+    """COCO has about five captions per image; one per image keeps the prompt set as varied as the images."""
+    try:
+        annotations = json.loads(text)["annotations"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"option 'captions': {path} is not a COCO captions file "
+                          f"(expected {{\"annotations\": [{{\"image_id\": ..., \"caption\": ...}}]}}): {err!r}") from None
+    first: dict[object, str] = {}
+    for entry in annotations:
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        if isinstance(caption, str) and caption.strip():
+            first.setdefault(entry.get("image_id", len(first)), " ".join(caption.split()))
+    return list(first.values())
+
+
+def read_long_prompts(path: str | Path = BUNDLED_LONG) -> list[str]:
+    """The long-prompt set: one prompt per line (bundled by default)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"option 'long_prompts': no such file {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"option 'long_prompts': {path} holds no prompt")
+    return prompts

@@ -1,0 +1,110 @@
+"""Stage-1 measures on held-out parallel text: how close LLM + adapter come to the base's CLIP.
+
+Per language: the alignment loss and token cosine the stage-1 module trains on, and the
+retrieval recall@1/@5 its validation reports (does a caption's adapter output find its own
+English CLIP teacher output among the held-out pool?). The stage-1 module itself does the
+work, built around the run's already loaded LLM and adapter with the base's CLIP teacher,
+so the numbers are exactly what training logs as ``val/...``, now split by language. For
+stage-2/3 runs they show how far end-to-end training moved the adapter from CLIP.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.shards import parse_sources
+from datamodules.text_shards import TextPairStream
+from lightning_modules.clip_teacher import CLIPTeacher
+from lightning_modules.stage1_alignment import Stage1Alignment, _teacher_kind, retrieval_recall
+from linguadiff.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+Features = dict[str, torch.Tensor | None]
+
+
+def _rows(features: Features, index: list[int]) -> Features:
+    return {k: (v[index] if v is not None else None) for k, v in features.items()}
+
+
+def text_alignment_metrics(
+    batches: Iterable[dict[str, Any]],
+    student: Callable[[dict[str, Any]], Features],
+    teacher: Callable[[dict[str, Any]], Features],
+    alignment: Callable[[Features, Features], dict[str, torch.Tensor]],
+    pool_size: int,
+) -> dict[str, float]:
+    """``text/loss/<lang>``, ``text/cosine/<lang>`` (means over captions) and ``text/recall@k/<lang>``.
+
+    Only captions whose key is among the first `pool_size` keys are kept for retrieval
+    (the rest would be dropped by the recall anyway), so memory stays at pool x languages.
+    """
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: {"loss": 0.0, "cosine": 0.0, "n": 0})
+    kept: list[dict[str, Any]] = []
+    pool: set[str] = set()
+    with torch.no_grad():
+        for batch in batches:
+            s, t = student(batch), teacher(batch)
+            by_lang: dict[str, list[int]] = defaultdict(list)
+            for i, lang in enumerate(batch["lang"]):
+                by_lang[lang].append(i)
+            for lang, index in by_lang.items():
+                out = alignment(_rows(s, index), _rows(t, index))
+                totals[lang]["loss"] += float(out["loss"]) * len(index)
+                totals[lang]["cosine"] += float(out["cosine"]) * len(index)
+                totals[lang]["n"] += len(index)
+            for key in batch["key"]:
+                if key not in pool and len(pool) < pool_size:
+                    pool.add(key)
+            keep = [i for i, key in enumerate(batch["key"]) if key in pool]
+            if keep:
+                kept.append({"key": [batch["key"][i] for i in keep], "lang": [batch["lang"][i] for i in keep],
+                             "student": s["context"][keep].to("cpu", torch.float16),
+                             "teacher": t["context"][keep].to("cpu", torch.float16)})
+    languages = sorted(totals, key=lambda lang: (lang != "en", lang))  # English first: the others are read against it
+    metrics = {f"text/{name}/{lang}": totals[lang][name] / totals[lang]["n"] for name in ("loss", "cosine") for lang in languages}
+    recall = retrieval_recall(kept, pool_size)
+    for k in (1, 5):
+        metrics.update({f"text/recall@{k}/{lang}": recall[f"recall@{k}/{lang}"] for lang in languages if f"recall@{k}/{lang}" in recall})
+    metrics.update({f"text/{name}": value for name, value in recall.items() if f"text/{name}" not in metrics})
+    return metrics
+
+
+def stage1_module(cfg: DictConfig, text_encoder, adapter, base_path: str | None, device: torch.device) -> Stage1Alignment:
+    """The stage-1 module around the run's own LLM and adapter, with the base's CLIP teacher.
+
+    The run's config may be of stage 2 or 3; its loss settings and model names still apply.
+    """
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.update(cfg, "stage", 1)
+    OmegaConf.update(cfg, "train.trainable", ["adapter"])
+    teacher = CLIPTeacher(base_path or cfg.model.path, kind=_teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
+    module = Stage1Alignment(cfg, text_encoder, teacher.to(device), adapter)
+    adapter.requires_grad_(False)  # the module marks what stage 1 trains; nothing trains here
+    return module.eval()
+
+
+def held_out_text_metrics(module: Stage1Alignment, urls: str, pool_size: int, batch_size: int = 256) -> dict[str, float]:
+    """Run the stage-1 measures over held-out parallel text shards (every language pair once)."""
+    try:
+        sources = parse_sources(urls)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"option 'text': {err}") from None
+    stream = TextPairStream(sources, train=False, language_weights={}, batch_size=batch_size, seed=0, shuffle_buffer=0,
+                            tokenizers=module.tokenizers(), rank=0, world_size=1)
+    device = next(module.adapter.parameters()).device
+
+    def student(batch: dict[str, Any]) -> Features:  # in float32 like the teacher's, whatever the LLM's dtype
+        out = module.student({k: v.to(device) for k, v in batch["student_tokens"].items()})
+        return {k: (v.float() if v is not None else None) for k, v in out.items()}
+
+    def teacher(batch: dict[str, Any]) -> Features:
+        return module.teacher(batch["teacher_tokens"])
+
+    return text_alignment_metrics(stream, student, teacher, module.alignment, pool_size)
