@@ -475,3 +475,15 @@ def test_inception_without_torch_fidelity_names_the_options():
     assert feature_space("auto", None, None).stand_in  # offline without weights: the labelled stand-in
     with pytest.raises(ConfigError, match="fid_features=clip needs a CLIP model"):
         feature_space("clip", None, None)
+
+
+def test_run_config_saved_before_new_keys_gets_todays_defaults(tmp_path):
+    from omegaconf import OmegaConf
+
+    from linguadiff.evaluation.runner import load_run_config
+
+    OmegaConf.save(OmegaConf.create({"stage": 1, "run_dir": str(tmp_path), "loss": {"type": "mse"}}), tmp_path / "config.yaml")
+    cfg = load_run_config(tmp_path)
+    assert cfg.loss.type == "mse" and cfg.run_dir == str(tmp_path)  # the run's own settings win
+    assert list(cfg.speed.compile) == [] and cfg.fsdp.sharding == "FULL_SHARD"  # keys added since: defaults
+    assert load_run_config(tmp_path / "missing") is None

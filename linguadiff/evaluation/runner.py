@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from datamodules import demo_data
-from linguadiff.config import ConfigError
+from linguadiff.config import CONFIG_DIR, ConfigError
 from linguadiff.demo_eval import score_demo_images
 from linguadiff.evaluation import prompt_sets
 from linguadiff.evaluation.aesthetic import AestheticHead
@@ -367,8 +367,12 @@ def reference_for(option: str, demo: bool) -> str | None:
 
 
 def load_run_config(run_dir: Path) -> DictConfig | None:
+    """The run's saved config over today's defaults: a run saved before a key existed
+    (speed.*, say) still builds today's modules."""
     path = run_dir / "config.yaml"
-    return OmegaConf.load(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "base.yaml"), OmegaConf.load(path))
 
 
 def run_header(run_dir: Path, generator: Generator, settings: EvalSettings) -> dict[str, Any]:
