@@ -108,8 +108,8 @@ def fsdp_units(stage_module: nn.Module, activation_checkpointing: bool = True) -
     wrap, checkpoint, names = set(), set(), {}
     checkpointed_names: list[str] = []
     for name, module in stage_module.named_modules():
-        if module is stage_module or not any(True for _ in module.parameters()) or f"{name}.".startswith(ignored or ("\0",)):
-            continue
+        if module is stage_module or f"{name}.".startswith(ignored) or not any(True for _ in module.parameters()):
+            continue  # (str.startswith of an empty tuple is False)
         is_block = type(module).__name__ in blocks or isinstance(module, ADAPTER_BLOCKS)
         is_part = "." not in name
         if is_block or is_part:
@@ -137,7 +137,7 @@ def unit_of_parameters(stage_module: nn.Module, units: FSDPUnits) -> dict[str, s
 
     visit(stage_module, "", "")
     ignored = tuple(f"{name}." for name in ignored_parts(stage_module))
-    return {name: unit for name, unit in owner.items() if not (ignored and name.startswith(ignored))}
+    return {name: unit for name, unit in owner.items() if not name.startswith(ignored)}
 
 
 def check_units(stage_module: nn.Module, units: FSDPUnits) -> dict[str, dict[str, Any]]:

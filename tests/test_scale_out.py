@@ -12,7 +12,6 @@ import torch
 from omegaconf import OmegaConf
 
 import train
-from datamodules.demo_data import write_demo_shards
 from datamodules.shards import Consumer, count_samples, even_share, expand_urls
 from lightning_modules import stage_class
 from lightning_modules.ema import STATE_KEY
@@ -20,6 +19,7 @@ from linguadiff.config import ConfigError, load_config, resolve
 from linguadiff.strategy import ShardedFSDPStrategy, build_strategy, check_units, fsdp_units, mixed_precision
 from tests.test_stage1_training import scalars
 from tests.test_stage23_training import stage_args
+from tests.shard_helpers import write_demo_world
 from tests.tiny_models import make_tiny_llm, make_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,18 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def world(tmp_path_factory) -> dict[str, Path]:
     """Enough shards for two ranks (x one worker) to each read their own, for one pass."""
     root = tmp_path_factory.mktemp("scale")
-    text, images = root / "text", root / "images"
-    write_demo_shards(text, num_samples=256, samples_per_shard=32, seed=0, image_size=16, prefix="train", with_images=False)
-    write_demo_shards(text, num_samples=20, samples_per_shard=20, seed=1, image_size=16, prefix="val", with_images=False)
-    write_demo_shards(images, num_samples=128, samples_per_shard=32, seed=2, image_size=32, prefix="train", with_images=True)
-    write_demo_shards(images, num_samples=12, samples_per_shard=12, seed=3, image_size=32, prefix="val", with_images=True)
     return {
+        **write_demo_world(root, text_train=256, image_train=128, text_val=20, image_val=12),
         "llm": make_tiny_llm(root / "llm", kind="qwen2"),
         "sd15": make_tiny_sd_pipeline(root / "sd15", kind="sd15"),
-        "train": text / "train-{00000..00007}.tar",
-        "val": text / "val-00000.tar",
-        "image_train": images / "train-{00000..00003}.tar",
-        "image_val": images / "val-00000.tar",
     }
 
 

@@ -10,29 +10,20 @@ from safetensors.torch import load_file
 
 import generate
 import train
-from datamodules.demo_data import write_demo_shards
 from lightning_modules.adapter import read_adapter_metadata
 from tests.test_stage1_training import scalars, tiny_args
+from tests.shard_helpers import write_demo_world
 from tests.tiny_models import make_tiny_llm, make_tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stage23")
-    text, images = root / "text", root / "images"
-    write_demo_shards(text, num_samples=64, samples_per_shard=32, seed=0, image_size=16, prefix="train", with_images=False)
-    write_demo_shards(text, num_samples=16, samples_per_shard=16, seed=1, image_size=16, prefix="val", with_images=False)
-    # 32 px images: the tiny VAE halves them to the tiny UNet's 16 x 16 latents.
-    write_demo_shards(images, num_samples=96, samples_per_shard=32, seed=2, image_size=32, prefix="train", with_images=True)
-    write_demo_shards(images, num_samples=16, samples_per_shard=16, seed=3, image_size=32, prefix="val", with_images=True)
     return {
+        **write_demo_world(root, text_train=64, image_train=96),
         "llm": make_tiny_llm(root / "llm", kind="llama"),
         "sd15": make_tiny_sd_pipeline(root / "sd15", kind="sd15"),
         "sdxl": make_tiny_sd_pipeline(root / "sdxl", kind="sdxl"),
-        "train": text / "train-{00000..00001}.tar",
-        "val": text / "val-00000.tar",
-        "image_train": images / "train-{00000..00002}.tar",
-        "image_val": images / "val-00000.tar",
     }
 
 
