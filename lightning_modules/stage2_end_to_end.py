@@ -27,7 +27,7 @@ from lightning_modules.diffusion import (
     load_vae,
     sdxl_time_ids,
 )
-from lightning_modules.ema import EMA
+from lightning_modules.ema import EMA, STATE_KEY
 from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
 from linguadiff.strategy import llm_device
@@ -178,6 +178,22 @@ class Stage2EndToEnd(StageModule):
         super().on_load_checkpoint(checkpoint)
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+            if "shadow" in checkpoint["ema"]:  # written before the averages moved into the optimizer state
+                self._legacy_ema = dict(zip(checkpoint["ema"]["names"], checkpoint["ema"]["shadow"]))
+
+    def on_train_start(self) -> None:
+        """Carry a legacy checkpoint's EMA (a list beside the optimizer) into the optimizer state,
+        once the optimizer has been restored."""
+        legacy = getattr(self, "_legacy_ema", None)
+        if not legacy:
+            return
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        params = dict(self.named_parameters())
+        for name, shadow in legacy.items():
+            if name in params and optimizer.state.get(params[name]):
+                optimizer.state[params[name]][STATE_KEY] = shadow.to(params[name].device, torch.float32)
+        self._legacy_ema = None
+        log.info("Moved the checkpoint's EMA of %d weights into the optimizer state", len(legacy))
 
 
 # ---------------------------------------------------------------------- stage hand-offs
