@@ -47,7 +47,7 @@ from lightning_modules.stage1_alignment import Stage1Alignment, _teacher_kind  #
 from lightning_modules.text_encoder import LLMTextEncoder, PromptTokenizer, torch_dtype  # noqa: E402
 from linguadiff.config import load_config, resolve  # noqa: E402
 from linguadiff.offline_tokenizers import save_byte_tokenizer, save_clip_tokenizer  # noqa: E402
-from timing import Row, count_flops, finish_args, measure, setup_torch  # noqa: E402
+from timing import count_flops, finish_args, measure, print_table, setup_torch  # noqa: E402
 
 # Qwen2.5-7B's config.json, but a 32000-token vocabulary: the embedding table costs memory,
 # not compute (a lookup), and the benchmark never reads the LM head.
@@ -374,30 +374,13 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "build_s": round(build_s, 1),
     }
-    print_table(info, rows, ratios)
+    print_table(info, rows, {f"ratio row {key} (target >= 0.90)": value for key, value in ratios.items()}, "prompts")
     result = {"info": info, "rows": [asdict(r) for r in rows], "ratios": ratios}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return result
-
-
-def print_table(info: dict, rows: list[Row], ratios: dict[str, float]) -> None:
-    print()
-    for key, value in info.items():
-        print(f"{key:>16}: {value}")
-    print()
-    header = f"{'row':<40} {'prompts/s':>10} {'ms/step':>9} {'min..max ms':>15} {'peak GiB':>9} {'TFLOP/s':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
-        tflops = f"{r.tflops:.2f}" if r.tflops is not None else "-"
-        spread = f"{r.ms_spread[0]:.1f}..{r.ms_spread[1]:.1f}"
-        print(f"{r.name:<40} {r.samples_per_s:>10.1f} {r.ms_per_step:>9.1f} {spread:>15} {peak:>9} {tflops:>8}")
-    for key, value in ratios.items():
-        print(f"{'ratio row ' + key + ' (target >= 0.90)':<40} {value:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_stage1 import QWEN25_7B, TINY_LLM, _InMemoryTextEncoder, synthetic_prompts  # noqa: E402
-from timing import Row, finish_args, free_memory, measure, setup_torch, sync  # noqa: E402
+from timing import Row, finish_args, free_memory, measure, print_table, setup_torch, sync  # noqa: E402
 from datamodules import build_datamodule  # noqa: E402
 from lightning_modules.adapter import QueryAdapter  # noqa: E402
 from lightning_modules.diffusion import (  # noqa: E402
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.loader:
         rows.extend(loader_rows(cfg, args, save))
     if args.loader_only:
-        print_table(info, rows, {}, shares)
+        print_report(info, rows, {}, shares)
         return {"info": info, "rows": [asdict(r) for r in rows]}
 
     with tempfile.TemporaryDirectory(prefix="bench_stage2_") as tmp:
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
         ref = by_key.get("a'" if key.endswith("'") else "a")
         if key in by_key and by_key[key].samples_per_s and ref is not None and ref.samples_per_s:
             ratios[f"{key}/{ref.name.split(' ')[0]}"] = by_key[key].samples_per_s / ref.samples_per_s
-    print_table(info, rows, ratios, shares)
+    print_report(info, rows, ratios, shares)
     result = {"info": info, "rows": [asdict(r) for r in rows], "ratios": ratios, "parts": shares}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -693,23 +693,8 @@ def loader_rows(cfg, args, save) -> list[Row]:
     return rows
 
 
-def print_table(info: dict, rows: list[Row], ratios: dict[str, float], shares: dict) -> None:
-    print()
-    for key, value in info.items():
-        print(f"{key:>22}: {value}")
-    print()
-    header = f"{'row':<46} {'samples/s':>10} {'ms/step':>9} {'min..max ms':>17} {'peak GiB':>9} {'TFLOP/s':>8}  note"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        rate = f"{r.samples_per_s:.2f}" if r.samples_per_s is not None else "-"
-        ms = f"{r.ms_per_step:.1f}" if r.ms_per_step is not None else "-"
-        spread = f"{r.ms_spread[0]:.1f}..{r.ms_spread[1]:.1f}" if r.ms_spread else "-"
-        peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
-        tflops = f"{r.tflops:.2f}" if r.tflops is not None else "-"
-        print(f"{r.name:<46} {rate:>10} {ms:>9} {spread:>17} {peak:>9} {tflops:>8}  {r.note}")
-    for key, value in ratios.items():
-        print(f"{'ratio ' + key:<46} {value:>10.2f}")
+def print_report(info: dict, rows: list[Row], ratios: dict[str, float], shares: dict) -> None:
+    print_table(info, rows, {f"ratio {key}": value for key, value in ratios.items()}, "samples")
     if shares.get("ms"):
         print(f"\nparts of row {shares['row']} (separate pass, device synchronized at each boundary; "
               f"sum {shares['total_ms']:.1f} ms/step):")

@@ -105,3 +105,26 @@ def setup_torch(args: argparse.Namespace) -> random.Random:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     return random.Random(args.seed)
+
+
+def print_table(info: dict, rows: list[Row], ratios: dict[str, str | float], unit: str, name_width: int = 46) -> None:
+    """The run's settings, one line per row, then the ratios (label -> value) under the rows."""
+    print()
+    width = max((len(key) for key in info), default=0)
+    for key, value in info.items():
+        print(f"{key:>{width}}: {value}")
+    print()
+    header = (f"{'row':<{name_width}} {unit + '/s':>10} {'ms/step':>9} {'min..max ms':>17} {'peak GiB':>9} "
+              f"{'TFLOP/s':>8}  note")
+    print(header)
+    print("-" * len(header))
+
+    def cell(value, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
+    for r in rows:
+        spread = f"{r.ms_spread[0]:.1f}..{r.ms_spread[1]:.1f}" if r.ms_spread else "-"
+        print(f"{r.name:<{name_width}} {cell(r.samples_per_s, '.2f'):>10} {cell(r.ms_per_step, '.1f'):>9} {spread:>17} "
+              f"{cell(r.peak_gib, '.1f'):>9} {cell(r.tflops, '.2f'):>8}  {r.note or ''}")
+    for label, value in ratios.items():
+        print(f"{label:<{name_width}} {value:>10.2f}")
