@@ -54,7 +54,7 @@ OPTIONS = {
 
 def run_dirs_of(value) -> list[Path]:
     """The run folders named by run_dir (one, a [a,b] list or a,b); each must exist."""
-    from linguadiff.evaluation.runner import as_list
+    from evaluation.runner import as_list
 
     items = as_list(value, "run_dir")
     if not items:
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, OPTIONS)
         run_dirs = run_dirs_of(args["run_dir"])
-        from linguadiff.evaluation.report import comparison_table, run_names
-        from linguadiff.evaluation.runner import EvalSettings, SharedTools, evaluate_run
+        from evaluation.report import comparison_table, run_names
+        from evaluation.runner import EvalSettings, SharedTools, evaluate_run
         from linguadiff.generation import find_adapter, resolve_device
 
         for run_dir in run_dirs:

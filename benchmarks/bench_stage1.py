@@ -40,11 +40,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_modules.adapter import QueryAdapter  # noqa: E402
-from lightning_modules.clip_teacher import CLIPPromptTokenizer, CLIPTeacher  # noqa: E402
-from lightning_modules.frozen import freeze  # noqa: E402
-from lightning_modules.stage1_alignment import Stage1Alignment, _teacher_kind  # noqa: E402
-from lightning_modules.text_encoder import LLMTextEncoder, PromptTokenizer, torch_dtype  # noqa: E402
+from linguadiff.models.adapter import QueryAdapter  # noqa: E402
+from linguadiff.models.clip_teacher import CLIPPromptTokenizer, CLIPTeacher, teacher_kind  # noqa: E402
+from linguadiff.models.frozen import freeze  # noqa: E402
+from lightning_modules.stage1_alignment import Stage1Alignment  # noqa: E402
+from linguadiff.models.text_encoder import LLMTextEncoder, PromptTokenizer, torch_dtype  # noqa: E402
 from linguadiff.config import load_config, resolve  # noqa: E402
 from linguadiff.offline_tokenizers import save_byte_tokenizer, save_clip_tokenizer  # noqa: E402
 from timing import count_flops, finish_args, measure, print_table, setup_torch  # noqa: E402
@@ -189,7 +189,7 @@ def build_demo(cfg, folder: Path, teacher_dtype: torch.dtype) -> tuple[LLMTextEn
                  "projection_dim": 64}
         CLIPTextModel(_clip_config(sizes, tokenizer)).save_pretrained(folder / "base" / "text_encoder")
         base = folder / "base"
-    return encoder, CLIPTeacher(base, _teacher_kind(cfg.model.kind), dtype=teacher_dtype)
+    return encoder, CLIPTeacher(base, teacher_kind(cfg.model.kind), dtype=teacher_dtype)
 
 
 # ---------------------------------------------------------------------------- prompts

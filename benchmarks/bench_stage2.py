@@ -57,17 +57,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_stage1 import QWEN25_7B, TINY_LLM, _InMemoryTextEncoder, synthetic_prompts  # noqa: E402
 from timing import Row, finish_args, free_memory, measure, print_table, setup_torch, sync  # noqa: E402
 from datamodules import build_datamodule  # noqa: E402
-from lightning_modules.adapter import QueryAdapter  # noqa: E402
-from lightning_modules.diffusion import (  # noqa: E402
+from linguadiff.models.adapter import QueryAdapter  # noqa: E402
+from linguadiff.models.diffusion import (  # noqa: E402
     diffusion_loss,
     load_noise_scheduler,
     load_unet,
     load_vae,
     sdxl_time_ids,
 )
-from lightning_modules.frozen import freeze  # noqa: E402
+from linguadiff.models.frozen import freeze  # noqa: E402
 from lightning_modules.stage2_end_to_end import Stage2EndToEnd  # noqa: E402
-from lightning_modules.text_encoder import LLMTextEncoder, PromptTokenizer, length_groups, torch_dtype  # noqa: E402
+from linguadiff.models.text_encoder import LLMTextEncoder, PromptTokenizer, length_groups, torch_dtype  # noqa: E402
 from linguadiff.config import load_config, resolve  # noqa: E402
 from linguadiff.offline_tokenizers import save_byte_tokenizer  # noqa: E402
 

@@ -20,7 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from linguadiff.strategy import gather_objects
+from linguadiff.distributed import gather_objects
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Per sample, beside the original `KEY.txt` and `KEY.json`:
 
 - `KEY.moments.npy`: the VAE encoder's output for the centre crop, [2C, h, w] (mean and
   log-variance, the parameters of the latent distribution). Training samples from it as
-  the VAE would (`sample_latents`), so a cached batch gives the same loss as the image
+  the VAE would (`linguadiff.models.diffusion.sample_latents`), so a cached batch gives the same loss as the image
   would with the same random state. Stored in the VAE's dtype (bf16 as float32: numpy has
   no bf16, and the widening is exact).
 - `KEY.pixels.npy`: for pixel-space bases (the demo), the centre crop as uint8 [3, R, R].
@@ -65,13 +65,6 @@ def read_llm_npz(payload: bytes) -> dict[str, np.ndarray]:
 
 def caption_name(lang: str, index: int) -> str:
     return f"{lang}/{index}"
-
-
-def sample_latents(moments: torch.Tensor, dtype: torch.dtype, scaling_factor: float) -> torch.Tensor:
-    """What `vae.encode(x).latent_dist.sample() * scaling_factor` gives, from cached moments."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    return (DiagonalGaussianDistribution(moments.to(dtype)).sample() * scaling_factor).float()
 
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
 
 from linguadiff.config import to_plain
+from linguadiff.distributed import group_rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -167,17 +168,6 @@ def is_language_code(code: str, extra_codes: frozenset[str] = frozenset()) -> bo
 
 
 # ----------------------------------------------------------------------------- consumers
-
-
-def distributed_rank_and_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else (0, 1).
-
-    Called in the main process when a DataLoader is built: DataLoader workers started with
-    `spawn` do not inherit the process group, so workers must not ask themselves.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 @dataclass(frozen=True)
@@ -675,7 +665,7 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader(self.val_sources, train=False)
 
     def _loader(self, sources: list[ShardSource], *, train: bool) -> DataLoader:
-        rank, world_size = distributed_rank_and_world()
+        rank, world_size = group_rank_and_world()
         batch_size = self.batch_size if train else self.val_batch_size
         stream = self._stream(sources, train=train, batch_size=batch_size, rank=rank, world_size=world_size)
         stream.even_batches = self.even_val_batches and not train

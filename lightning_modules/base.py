@@ -26,8 +26,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lightning_modules.frozen import freeze
+from linguadiff.models.frozen import freeze
 from linguadiff.config import ConfigError
+from linguadiff.distributed import unwrap
 from linguadiff.strategy import is_fsdp
 
 log = logging.getLogger(__name__)
@@ -219,14 +220,3 @@ class StageModule(L.LightningModule):
     @staticmethod
     def batch_size_of(batch: dict[str, Any]) -> int:
         return len(batch["key"])
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside an FSDP (or compile) wrapper, for saving; the module itself otherwise."""
-    while hasattr(module, "_fsdp_wrapped_module") or hasattr(module, "_orig_mod"):
-        module = getattr(module, "_fsdp_wrapped_module", None) or module._orig_mod
-    return module
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules.adapter import QueryAdapter
+from linguadiff.models.adapter import QueryAdapter
 from lightning_modules.base import StageModule
-from lightning_modules.clip_teacher import CLIPTeacher
-from lightning_modules.losses import ALIGNMENT_LOSSES, token_cosine_similarity
-from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
+from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
+from linguadiff.models.losses import ALIGNMENT_LOSSES, token_cosine_similarity
+from linguadiff.models.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
-from linguadiff.strategy import gather_objects, llm_device
+from linguadiff.distributed import gather_objects
+from linguadiff.strategy import llm_device
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Stage1Alignment(StageModule):
     def from_config(cls, cfg: DictConfig) -> "Stage1Alignment":
         """Load the LLM and the base's CLIP teacher (from_pretrained) and build a fresh adapter."""
         text_encoder = LLMTextEncoder.from_settings(cfg.llm, device=llm_device(cfg))
-        teacher = CLIPTeacher(cfg.model.path, kind=_teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
+        teacher = CLIPTeacher(cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
         a = cfg.adapter
         adapter = QueryAdapter(
             llm_dim=text_encoder.hidden_size,
@@ -185,11 +186,6 @@ def retrieval_recall(outputs: list[dict[str, Any]], pool_size: int) -> dict[str,
             metrics[f"recall@{k}/non_english"] = sum(metrics[f"recall@{k}/{l}"] for l in non_english) / len(non_english)
     metrics["recall_pool_size"] = float(len(keys))
     return metrics
-
-
-def _teacher_kind(kind: str) -> str:
-    # The demo base is SD1.5-shaped: its UNet reads CLIP's last hidden state.
-    return "sd15" if kind == "demo" else kind
 
 
 def check_shapes(cfg: DictConfig, text_encoder: LLMTextEncoder, teacher: CLIPTeacher, adapter: QueryAdapter) -> None:

@@ -16,20 +16,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from datamodules.cached import sample_latents
-from lightning_modules.adapter import QueryAdapter
-from lightning_modules.base import StageModule, unwrap
-from lightning_modules.diffusion import (
+from linguadiff.models.adapter import QueryAdapter
+from lightning_modules.base import StageModule
+from linguadiff.models.diffusion import (
     DiffusionLossConfig,
     diffusion_loss,
     load_noise_scheduler,
     load_unet,
     load_vae,
+    sample_latents,
     sdxl_time_ids,
 )
 from lightning_modules.ema import EMA, STATE_KEY
-from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length
+from linguadiff.models.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
+from linguadiff.distributed import unwrap
+from linguadiff.export import check_handoff, init_export
 from linguadiff.strategy import llm_device
 
 log = logging.getLogger(__name__)
@@ -194,43 +196,3 @@ class Stage2EndToEnd(StageModule):
                 optimizer.state[params[name]][STATE_KEY] = shadow.to(params[name].device, torch.float32)
         self._legacy_ema = None
         log.info("Moved the checkpoint's EMA of %d weights into the optimizer state", len(legacy))
-
-
-# ---------------------------------------------------------------------- stage hand-offs
-
-
-def init_export(cfg: DictConfig, expected_stage: int) -> Path:
-    """The export folder of the run `init_from` names, with a clear error when it is unusable."""
-    if not cfg.init_from:
-        raise ConfigError(
-            f"stage {cfg.stage} starts from a stage-{expected_stage} run: set init_from=RUN_DIR "
-            f"(e.g. python train.py stage={cfg.stage} init_from=runs/stage{expected_stage} run_dir=runs/stage{cfg.stage})"
-        )
-    root = Path(cfg.init_from).expanduser()
-    export = root / "export" if (root / "export").is_dir() else root
-    if not (export / "adapter.safetensors").is_file():
-        raise ConfigError(
-            f"init_from={cfg.init_from} has no export/adapter.safetensors: "
-            f"has its stage-{expected_stage} run finished? (export happens at the end of training)"
-        )
-    from lightning_modules.adapter import read_adapter_metadata
-
-    meta = read_adapter_metadata(export / "adapter.safetensors")
-    if meta.get("stage") != expected_stage:
-        raise ConfigError(f"init_from={cfg.init_from} is a stage-{meta.get('stage')} export; stage {cfg.stage} starts from stage {expected_stage}")
-    return export
-
-
-def check_handoff(cfg: DictConfig, meta: dict, export: Path) -> None:
-    """The previous stage must have used the same LLM (and layers) and the same base model."""
-    problems = []
-    llm = meta["llm"]
-    if llm["path"] != cfg.llm.path:
-        problems.append(f"its LLM is {llm['path']}, this run's llm.path is {cfg.llm.path}")
-    if list(llm["layers"]) != list(cfg.llm.layers) or llm["layer_mix"] != cfg.llm.layer_mix:
-        problems.append(f"it reads LLM layers {llm['layers']} ({llm['layer_mix']}), this run {list(cfg.llm.layers)} ({cfg.llm.layer_mix})")
-    base = meta["base_model"]
-    if base["path"] != cfg.model.path or base["kind"] != cfg.model.kind:
-        problems.append(f"it was made for base {base['path']} ({base['kind']}), this run's is {cfg.model.path} ({cfg.model.kind})")
-    if problems:
-        raise ConfigError(f"init_from export {export} does not fit this run: " + "; ".join(problems))

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lightning_modules.adapter import QueryAdapter
-from lightning_modules.text_encoder import LLMTextEncoder, encode_by_length, torch_dtype
+from linguadiff.export import ADAPTER_FILE
+from linguadiff.models.adapter import QueryAdapter
+from linguadiff.models.text_encoder import LLMTextEncoder, encode_by_length, torch_dtype
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILE = "adapter.safetensors"
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
@@ -116,9 +115,9 @@ class Generator:
     @classmethod
     def from_base(cls, base_path: str, kind: str, device: str = "cpu", dtype: str = "float32", **defaults) -> "Generator":
         """The base model with its own CLIP text encoder: the reference the adapter must match."""
-        from lightning_modules.clip_teacher import CLIPTeacher
+        from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 
-        encoder = CLIPTeacher(base_path, kind="sd15" if kind == "demo" else kind, dtype=dtype).to(device)
+        encoder = CLIPTeacher(base_path, kind=teacher_kind(kind), dtype=dtype).to(device)
         pipeline = _load_pipeline(kind, base_path, None, torch_dtype(dtype), None)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
@@ -217,7 +216,7 @@ def _load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dty
 def pipeline_from_components(kind: str, unet, vae, scheduler):
     """The same pipelines from models already in memory (the sample callback's, mid-training)."""
     if kind == "demo":
-        from linguadiff.pixel_pipeline import PixelDiffusionPipeline
+        from linguadiff.models.pixel_pipeline import PixelDiffusionPipeline
 
         return PixelDiffusionPipeline(unet=unet, scheduler=scheduler)
     if kind == "sd15":

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from linguadiff.config import ConfigError
+from linguadiff.distributed import launch_rank
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,6 @@ class RunDir:
         if last.exists():
             log.info("Resuming from %s (step %d)", last, step)
         return cls(root=root, checkpoint=last if last.exists() else None, resume_step=step)
-
-
-def launch_rank() -> int:
-    """This process's global rank as its launcher tells it (srun, torchrun, or Lightning's own
-    launcher, which starts ranks 1.. with LOCAL_RANK set); 0 for a single process."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
-            return int(os.environ[name])
-    return int(os.environ["LOCAL_RANK"]) if os.environ.get("LOCAL_RANK", "").isdigit() else 0
 
 
 def checkpoint_step(path: Path) -> int:

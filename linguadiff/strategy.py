@@ -25,7 +25,6 @@ up here (`fsdp_setup`):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,24 +35,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from linguadiff.config import ConfigError
+from linguadiff.distributed import local_rank
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 # The adapter's block types (PyTorch's transformer layers), wrapped like an LLM's layers.
 ADAPTER_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-def local_rank() -> int:
-    """This process's GPU index on its node, from the launcher's environment (0 when alone).
-
-    Read before the Trainer exists, so that an FSDP run can load its LLM straight onto its
-    own GPU; Lightning's launcher and srun both set one of these.
-    """
-    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def llm_device(cfg: DictConfig) -> torch.device | None:
@@ -265,14 +253,3 @@ def build_strategy(cfg: DictConfig, module: nn.Module, precision: str) -> str | 
 
 def is_fsdp(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
-
-
-def gather_objects(item: Any) -> list[Any]:
-    """`item` from every rank, in rank order, on every rank ([item] outside distributed runs)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [item]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, item)
-    return gathered
-

@@ -37,14 +37,6 @@ import torch  # noqa: E402
 log = logging.getLogger("cache_features")
 
 
-def process_rank() -> tuple[int, int, int]:
-    """(rank, world size, local rank) of this process among the cache writers."""
-    for rank_var, world_var, local_var in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        if os.environ.get(rank_var, "").isdigit() and os.environ.get(world_var, "").isdigit():
-            return int(os.environ[rank_var]), int(os.environ[world_var]), int(os.environ.get(local_var, "0") or 0)
-    return 0, 1, 0
-
-
 def output_names(urls: list[str]) -> list[str]:
     """Output shard names: the input's file name, prefixed by its position where two collide."""
     names = [Path(url.split("::")[0].rstrip("/")).name or f"shard{i:05d}.tar" for i, url in enumerate(urls)]
@@ -58,8 +50,8 @@ class FeatureWriter:
     """Turns raw image-text samples into cached samples, a batch at a time on one device."""
 
     def __init__(self, cfg, device: torch.device) -> None:
-        from lightning_modules.diffusion import load_vae
-        from lightning_modules.text_encoder import LLMTextEncoder
+        from linguadiff.models.diffusion import load_vae
+        from linguadiff.models.text_encoder import LLMTextEncoder
 
         from datamodules.cached import llm_signature
 
@@ -207,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rank, world, local_rank = process_rank()
+    from linguadiff.distributed import launch_world
+
+    rank, world, local_rank = launch_world()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     writer = FeatureWriter(cfg, device)
     out_root = Path(cfg.cache.out).expanduser()

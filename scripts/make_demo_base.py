@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules import demo_data  # noqa: E402
 from linguadiff.offline_tokenizers import save_clip_tokenizer, words_of  # noqa: E402
-from linguadiff.pixel_pipeline import PixelDiffusionPipeline  # noqa: E402
+from linguadiff.models.pixel_pipeline import PixelDiffusionPipeline  # noqa: E402
 
 
 def english_corpus(rng: random.Random, n: int) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_modules.adapter import QueryAdapter, read_adapter_metadata
+from linguadiff.models.adapter import QueryAdapter, read_adapter_metadata
 
 LLM_DIM, DIM, QUERIES, POOLED = 24, 32, 7, 20
 

@@ -10,7 +10,7 @@ import torch
 
 from datamodules import build_datamodule
 from lightning_modules import stage_class
-from lightning_modules.diffusion import DiffusionLossConfig, diffusion_loss
+from linguadiff.models.diffusion import DiffusionLossConfig, diffusion_loss
 from linguadiff.config import load_config, resolve
 from tests.test_scale_out import stage1_run, world  # noqa: F401  (module fixtures)
 from tests.test_stage23_training import stage_args

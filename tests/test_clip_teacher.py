@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lightning_modules.clip_teacher import CLIPTeacher
-from lightning_modules.frozen import is_frozen
+from linguadiff.models.clip_teacher import CLIPTeacher
+from linguadiff.models.frozen import is_frozen
 from tests.tiny_models import make_tiny_sd_base
 
 HIDDEN, HIDDEN_2, PROJECTION = 32, 48, 40

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from lightning_modules.diffusion import DiffusionLossConfig, diffusion_loss, sdxl_time_ids
+from linguadiff.models.diffusion import DiffusionLossConfig, diffusion_loss, sdxl_time_ids
 from lightning_modules.ema import EMA
 
 

@@ -22,13 +22,13 @@ import evaluate
 import train
 from datamodules.demo_data import LANGUAGES, write_demo_shards
 from linguadiff.config import ConfigError
-from linguadiff.evaluation import prompt_sets
-from linguadiff.evaluation.aesthetic import AestheticHead
-from linguadiff.evaluation.clip_models import cross_language_similarity, features_tensor, image_tensors, load_clip
-from linguadiff.evaluation.image_features import DistributionDistance, FeatureSpace, PixelStatistics, feature_space
-from linguadiff.evaluation.references import reference_batches
-from linguadiff.evaluation.report import comparison_table
-from linguadiff.evaluation.text_alignment import text_alignment_metrics
+from evaluation import prompt_sets
+from evaluation.aesthetic import AestheticHead
+from evaluation.clip_models import cross_language_similarity, features_tensor, image_tensors, load_clip
+from evaluation.image_features import DistributionDistance, FeatureSpace, PixelStatistics, feature_space
+from evaluation.references import reference_batches
+from evaluation.report import comparison_table
+from evaluation.text_alignment import text_alignment_metrics
 from linguadiff.offline_tokenizers import save_clip_tokenizer
 from tests.test_stage1_training import assets, tiny_args  # noqa: F401  (module fixture)
 from tests.tiny_models import make_tiny_sd_pipeline
@@ -459,7 +459,7 @@ def test_inception_features_load_the_given_weights_or_say_which_option_to_set(mo
 
 
 def test_an_aesthetic_head_of_another_width_than_the_clip_is_refused(clip_case, tmp_path):
-    from linguadiff.evaluation.runner import EvalSettings, SharedTools
+    from evaluation.runner import EvalSettings, SharedTools
 
     torch.save({"weight": torch.zeros(1, 768), "bias": torch.zeros(1)}, tmp_path / "vit_l_14_head.pth")
     settings = EvalSettings.from_args({**evaluate.OPTIONS, "clip": str(clip_case[0]),
@@ -480,7 +480,7 @@ def test_inception_without_torch_fidelity_names_the_options():
 def test_run_config_saved_before_new_keys_gets_todays_defaults(tmp_path):
     from omegaconf import OmegaConf
 
-    from linguadiff.evaluation.runner import load_run_config
+    from evaluation.runner import load_run_config
 
     OmegaConf.save(OmegaConf.create({"stage": 1, "run_dir": str(tmp_path), "loss": {"type": "mse"}}), tmp_path / "config.yaml")
     cfg = load_run_config(tmp_path)

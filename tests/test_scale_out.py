@@ -144,7 +144,7 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     steps = [s for s, _ in scalars(run_dir, "train/loss")]
     assert sorted(steps) == [0, 1, 2, 3]  # resumed at step 2, nothing logged twice
     assert (run_dir / "export" / "unet").is_dir() and (run_dir / "samples" / "step00000004.png").is_file()
-    from lightning_modules.adapter import QueryAdapter
+    from linguadiff.models.adapter import QueryAdapter
 
     adapter, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
     assert meta["global_step"] == 4 and adapter.queries.shape[0] == 77  # gathered whole, not a shard

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 import train
 from datamodules.demo_data import write_demo_shards
-from lightning_modules.adapter import QueryAdapter
+from linguadiff.models.adapter import QueryAdapter
 from tests.tiny_models import make_tiny_llm, make_tiny_sd_base
 
 

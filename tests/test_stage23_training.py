@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import generate
 import train
-from lightning_modules.adapter import read_adapter_metadata
+from linguadiff.models.adapter import read_adapter_metadata
 from tests.test_stage1_training import scalars, tiny_args
 from tests.shard_helpers import write_demo_world
 from tests.tiny_models import make_tiny_llm, make_tiny_sd_pipeline

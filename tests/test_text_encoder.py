@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.frozen import freeze, is_frozen
-from lightning_modules.text_encoder import LLMTextEncoder, PromptTokenizer
+from linguadiff.models.frozen import freeze, is_frozen
+from linguadiff.models.text_encoder import LLMTextEncoder, PromptTokenizer
 from tests.tiny_models import make_tiny_llm
 
 KINDS = ("llama", "qwen2", "t5")

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lightning_modules.frozen import freeze
-from lightning_modules.text_encoder import torch_dtype
+from linguadiff.models.frozen import freeze
+from linguadiff.models.text_encoder import torch_dtype
 
 TeacherKind = Literal["sd15", "sdxl"]
 
@@ -178,3 +178,8 @@ class CLIPTeacher(nn.Module):
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor | None]:
         """Tokenize and encode: ``{"context", "pooled"}``."""
         return self(self.tokenizer(texts))
+
+
+def teacher_kind(base_kind: str) -> str:
+    """The teacher a base kind needs: the demo base is SD1.5-shaped (its UNet reads CLIP's last hidden state)."""
+    return "sd15" if base_kind == "demo" else base_kind

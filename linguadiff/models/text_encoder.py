@@ -10,7 +10,7 @@ layers are an option here (``layers``, ``layer_mix``).
 - :class:`LLMTextEncoder` loads any Hugging Face model with ``from_pretrained``: decoder-only
   models through ``AutoModel`` (the base model, no LM head), encoder-decoder ones (T5, mT5,
   UMT5) through ``AutoModelForTextEncoding`` (their encoder only, so the decoder weights
-  are never loaded). It is frozen with :func:`~lightning_modules.frozen.freeze`.
+  are never loaded). It is frozen with :func:`~linguadiff.models.frozen.freeze`.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_modules.frozen import freeze
+from linguadiff.models.frozen import freeze
 
 LayerMix = Literal["mean", "concat"]
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from lightning_modules.frozen import freeze
-from lightning_modules.text_encoder import torch_dtype
+from linguadiff.models.frozen import freeze
+from linguadiff.models.text_encoder import torch_dtype
 
 
 def load_unet(path: str, subfolder: str | None = "unet", revision: str | None = None) -> UNet2DConditionModel:
@@ -92,3 +92,10 @@ def _snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
     """SDXL micro-conditioning [B, 6]: (original h, w, crop top, left, target h, w)."""
     return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
+
+
+def sample_latents(moments: torch.Tensor, dtype: torch.dtype, scaling_factor: float) -> torch.Tensor:
+    """What `vae.encode(x).latent_dist.sample() * scaling_factor` gives, from cached moments."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return (DiagonalGaussianDistribution(moments.to(dtype)).sample() * scaling_factor).float()

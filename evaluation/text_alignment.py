@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.shards import parse_sources
 from datamodules.text_shards import TextPairStream
-from lightning_modules.clip_teacher import CLIPTeacher
-from lightning_modules.stage1_alignment import Stage1Alignment, _teacher_kind, retrieval_recall
+from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
+from lightning_modules.stage1_alignment import Stage1Alignment, retrieval_recall
 from linguadiff.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def stage1_module(cfg: DictConfig, text_encoder, adapter, base_path: str | None,
     cfg = copy.deepcopy(cfg)
     OmegaConf.update(cfg, "stage", 1)
     OmegaConf.update(cfg, "train.trainable", ["adapter"])
-    teacher = CLIPTeacher(base_path or cfg.model.path, kind=_teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
+    teacher = CLIPTeacher(base_path or cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
     module = Stage1Alignment(cfg, text_encoder, teacher.to(device), adapter)
     adapter.requires_grad_(False)  # the module marks what stage 1 trains; nothing trains here
     return module.eval()

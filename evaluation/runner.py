@@ -34,14 +34,14 @@ from PIL import Image
 
 from datamodules import demo_data
 from linguadiff.config import CONFIG_DIR, ConfigError
-from linguadiff.demo_eval import score_demo_images
-from linguadiff.evaluation import prompt_sets
-from linguadiff.evaluation.aesthetic import AestheticHead
-from linguadiff.evaluation.clip_models import CLIPBundle, cross_language_similarity, image_tensors, load_clip, stand_in_clip
-from linguadiff.evaluation.image_features import FID_FEATURES, DistributionDistance, feature_space
-from linguadiff.evaluation.references import reference_batches
-from linguadiff.evaluation.report import GRID_FILE, Report, write_tensorboard
-from linguadiff.evaluation.text_alignment import held_out_text_metrics, stage1_module
+from evaluation.demo_eval import score_demo_images
+from evaluation import prompt_sets
+from evaluation.aesthetic import AestheticHead
+from evaluation.clip_models import CLIPBundle, cross_language_similarity, image_tensors, load_clip, stand_in_clip
+from evaluation.image_features import FID_FEATURES, DistributionDistance, feature_space
+from evaluation.references import reference_batches
+from evaluation.report import GRID_FILE, Report, write_tensorboard
+from evaluation.text_alignment import held_out_text_metrics, stage1_module
 from linguadiff.generation import Generator
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def models_used(settings: EvalSettings, tools: SharedTools) -> dict[str, Any]:
 
 def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> Report:
     """Evaluate one run's export; writes run_dir/eval/metrics.json, grid.png and TensorBoard."""
-    from callbacks.sample_images import image_grid
+    from linguadiff.images import image_grid
 
     started = time.perf_counter()
     generator = Generator.from_run(run_dir, device=settings.device, dtype=settings.dtype, base_path=settings.base,

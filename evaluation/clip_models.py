@@ -27,7 +27,7 @@ from torch import nn
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from linguadiff.config import PROJECT_ROOT, ConfigError
-from linguadiff.evaluation.image_features import FeatureSpace
+from evaluation.image_features import FeatureSpace
 
 STAND_IN_TOKENIZER = PROJECT_ROOT / "assets" / "demo_base" / "tokenizer"
 STAND_IN_SEED = 0

@@ -6,8 +6,8 @@ when its dominant saturated colour is the prompt's. Shape accuracy is reported b
 and the demo's aesthetic measure (0-10: large, centred shapes on a clean background, read
 back from the pixels), which stage 3 should raise.
 
-    python -m linguadiff.demo_eval run_dir=runs/stage1            # LLM + adapter, every language
-    python -m linguadiff.demo_eval base_only=true                    # the base with its own CLIP (English)
+    python -m evaluation.demo_eval run_dir=runs/stage1            # LLM + adapter, every language
+    python -m evaluation.demo_eval base_only=true                    # the base with its own CLIP (English)
 """
 from __future__ import annotations
 

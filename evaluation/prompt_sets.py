@@ -3,12 +3,12 @@
 - multilingual (parallel) sets: the same prompts in several languages, index for index, so
   images drawn from prompt i in every language share their seeds and can be compared.
   Bundled: the demo's plain colour x shape prompts (`demo`, with the colour and shape each
-  one asks for) and `linguadiff/prompts/parallel.json` (16 everyday scenes in en, zh, fr,
+  one asks for) and `evaluation/prompts/parallel.json` (16 everyday scenes in en, zh, fr,
   de, es, ja). A user file has the same layout: a json list of ``{"en": ..., "zh": ...}``.
 - caption files, MS-COCO style: a COCO captions annotation json
   (``{"annotations": [{"image_id": ..., "caption": ...}]}``, first caption of each image) or
   plain text, one prompt per line. The CLIP score reads them, so they are English.
-- long prompts: `linguadiff/prompts/long.txt`, 24 English descriptions of about 100 words,
+- long prompts: `evaluation/prompts/long.txt`, 24 English descriptions of about 100 words,
   every one well past CLIP's 77 tokens.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from datamodules import demo_data
 from linguadiff.config import ConfigError
 
-BUNDLED_DIR = Path(__file__).resolve().parents[1] / "prompts"
+BUNDLED_DIR = Path(__file__).resolve().parent / "prompts"
 BUNDLED_PARALLEL = BUNDLED_DIR / "parallel.json"
 BUNDLED_LONG = BUNDLED_DIR / "long.txt"
 REFERENCE_LANGUAGE = "en"  # the CLIP score reads English: every language is scored against it
