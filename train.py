@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
 
     import lightning as L
 
-    from callbacks.export import RunExport
-    from callbacks.preemption import PreemptionHandler
-    from callbacks.progress import ThroughputLogger
-    from callbacks.rng_state import RNGState
-    from callbacks.sample_images import SampleImages
+    from callbacks import build_callbacks
     from datamodules import build_datamodule
     from lightning_modules import stage_class
     from linguadiff.run import RunDir, build_trainer
@@ -71,10 +67,7 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
     except ConfigError as err:  # a setting that cannot work: say which, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    callbacks = [ThroughputLogger(cfg.trainer.log_every_n_steps * 5, unit="prompts" if cfg.stage == 1 else "images"),
-                 RunExport(cfg, run.export), PreemptionHandler(), RNGState(cfg.seed), *extra_callbacks]
-    if cfg.stage > 1:
-        callbacks.append(SampleImages(cfg, run.root / "samples"))
+    callbacks = [*build_callbacks(cfg, run.root, run.export), *extra_callbacks]
     try:
         trainer = build_trainer(cfg, run, callbacks, module)
     except ConfigError as err:

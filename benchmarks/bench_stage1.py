@@ -17,7 +17,7 @@ project's config (``stage=1 model=sdxl llm=qwen2.5-7b``, or the demo defaults).
 sdxl-7b builds random models directly on the device in their dtype: a random 7B written
 with ``save_pretrained`` and read back would be 15 GB of disk and minutes of I/O for
 nothing. ``LLMTextEncoder`` and ``CLIPTeacher`` only take a path, so two thin subclasses
-(``_InMemoryTextEncoder``, ``_InMemoryTeacher``) set the attributes their ``__init__``
+(``InMemoryTextEncoder``, ``_InMemoryTeacher``) set the attributes their ``__init__``
 would set around the in-memory models and inherit everything else, ``forward`` included.
 ``--tiny`` checks on CPU that they give exactly what the real classes loaded with
 ``from_pretrained`` give.
@@ -40,9 +40,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from linguadiff.models.adapter import QueryAdapter  # noqa: E402
 from linguadiff.models.clip_teacher import CLIPPromptTokenizer, CLIPTeacher, teacher_kind  # noqa: E402
 from linguadiff.models.frozen import freeze  # noqa: E402
+from linguadiff.models.prompt_encoder import PromptEncoder  # noqa: E402
+from lightning_modules.settings import AlignmentSettings, StageSettings  # noqa: E402
 from lightning_modules.stage1_alignment import Stage1Alignment  # noqa: E402
 from linguadiff.models.text_encoder import LLMTextEncoder, PromptTokenizer, torch_dtype  # noqa: E402
 from linguadiff.config import load_config, resolve  # noqa: E402
@@ -81,7 +82,7 @@ WORDS = ("a photo of the red cat sitting on an old wooden chair near window soft
 
 # ---------------------------------------------------------------------------- models in memory
 
-class _InMemoryTextEncoder(LLMTextEncoder):
+class InMemoryTextEncoder(LLMTextEncoder):
     """``LLMTextEncoder`` around a model already built on the device (no ``from_pretrained``).
 
     Sets what ``LLMTextEncoder.__init__`` sets, from the model itself and a folder holding
@@ -142,7 +143,7 @@ def build_random_sdxl_7b(cfg, folder: Path, device: torch.device, tiny: bool, ll
         llm = AutoModel.from_config(llm_config, dtype=llm_dtype, attn_implementation=llm_attn)
         clip_l = CLIPTextModel(_clip_config(TINY_CLIP_L if tiny else CLIP_L, tok_1)).to(teacher_dtype)
         bigg = CLIPTextModelWithProjection(_clip_config(TINY_BIGG if tiny else CLIP_BIGG, tok_2)).to(teacher_dtype)
-    encoder = _InMemoryTextEncoder(llm, llm_dir, cfg.llm.max_length, tuple(cfg.llm.layers), cfg.llm.layer_mix, cfg.llm.add_bos)
+    encoder = InMemoryTextEncoder(llm, llm_dir, cfg.llm.max_length, tuple(cfg.llm.layers), cfg.llm.layer_mix, cfg.llm.add_bos)
     teacher = _InMemoryTeacher(base_dir, "sdxl", clip_l, bigg)
     if tiny:  # the shortcut must be exact: compare with the real classes loaded from_pretrained
         llm.save_pretrained(llm_dir)
@@ -280,11 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
             encoder, teacher = build_random_sdxl_7b(cfg, Path(tmp), device, args.tiny, args.llm_attn, teacher_dtype)
             student_texts = synthetic_prompts(args.batch_size, args.min_chars, args.max_chars, rng)
             teacher_texts = student_texts
-        a = cfg.adapter
-        adapter = QueryAdapter(encoder.hidden_size, a.dim, a.num_queries, a.encoder_layers, a.decoder_layers,
-                               a.heads, a.ffn_dim, a.pooled_dim)
         # The stage module checks the shapes and sets what trains, exactly as train.py does.
-        module = Stage1Alignment(cfg, encoder, teacher, adapter).to(device)
+        module = Stage1Alignment(StageSettings.from_config(cfg), AlignmentSettings.from_config(cfg),
+                                 PromptEncoder.with_new_adapter(encoder, cfg.adapter), teacher).to(device)
         module.on_fit_start()  # asserts the trainable set; computes the empty-prompt target
         optimizer = module.configure_optimizers()["optimizer"]
         build_s = time.perf_counter() - started
@@ -318,8 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
             with amp():
                 loss = module.alignment(student, target)["loss"]
                 if empty_weight > 0:
-                    empty_in, empty_target = module._empty_prompt()
-                    empty = module.alignment(module.adapter(*empty_in), empty_target)
+                    empty_in, empty_target = module.empty_prompt()
+                    empty = module.alignment(module.prompt_encoder.from_features(*empty_in), empty_target)
                     loss = loss + empty_weight * empty["loss"]
             loss.backward()
             optimizer.step()
@@ -327,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def adapter_step():
             with amp():
-                student = module.adapter(features, mask)
+                student = module.prompt_encoder.from_features(features, mask)
             train_on(student, targets)
 
         def full_step():
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
             flops[name] = None if args.no_flops else count_flops(step)
             rows.append(measure(name, step, batch, args, device, count=False, flops=flops[name]))
         if args.compile:
-            module.adapter = torch.compile(adapter)
+            module.adapter = torch.compile(module.adapter)
             started_compile = time.perf_counter()
             adapter_step()  # compiles; the timed rows below then reuse it
             print(f"  torch.compile of the adapter: {time.perf_counter() - started_compile:.1f} s to first step")
@@ -368,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         "autocast_bf16": autocast,
         "llm_dtype": str(next(encoder.model.parameters()).dtype),
         "teacher_dtype": str(teacher_dtype),
-        "adapter_params_m": round(sum(p.numel() for p in adapter.parameters()) / 1e6, 1),
+        "adapter_params_m": round(sum(p.numel() for p in module.adapter.parameters()) / 1e6, 1),
         "fused_adamw": bool(optimizer.defaults.get("fused")),
         "iters": args.iters,
         "warmup": args.warmup,

@@ -11,9 +11,9 @@ img/s on an H200). Everything here is measured, never asserted.
     python benchmarks/bench_stage2.py --preset sdxl-7b --json OUT.json   # GPU, random SDXL + 7B (sd15-7b: SD1.5)
     python benchmarks/bench_stage2.py --preset sdxl-7b --tiny            # the GPU code path, tiny, on CPU
 
-The measured code is the project's: ``Stage2EndToEnd`` built around the parts (which sets
+The measured code is the project's: ``DiffusionStage`` built around the parts (which sets
 what trains, gradient checkpointing, the loss options and the EMA), its ``to_model_space``,
-``_conditioning`` (``encode_prompts`` with ``length_groups``), ``diffusion_loss``,
+``conditioning`` (the PromptEncoder with ``length_groups``), ``diffusion_loss``,
 ``configure_optimizers`` (fused AdamW on a GPU), ``configure_gradient_clipping`` and
 the EMA update; sizes come from the config (``stage=2 model=sdxl llm=qwen2.5-7b``, or the
 demo defaults). A bare ``lightning.Trainer`` is attached only so that
@@ -22,7 +22,7 @@ out of the timed step (it costs nothing on one device).
 
 sdxl-7b builds random models directly on the device: the UNet and VAE from SDXL base's
 config values (the UNet in fp32 as ``load_unet`` gives it, the VAE in the config's bf16 as
-``load_vae`` does), the LLM through bench_stage1's ``_InMemoryTextEncoder``. ``--tiny``
+``load_vae`` does), the LLM through bench_stage1's ``InMemoryTextEncoder``. ``--tiny``
 saves the tiny models and checks that the project's loaders (``LLMTextEncoder``,
 ``load_unet``, ``load_vae``, ``load_noise_scheduler``) give bit-identical outputs.
 """
@@ -54,10 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_stage1 import QWEN25_7B, TINY_LLM, _InMemoryTextEncoder, synthetic_prompts  # noqa: E402
+from bench_stage1 import QWEN25_7B, TINY_LLM, InMemoryTextEncoder, synthetic_prompts  # noqa: E402
 from timing import Row, finish_args, free_memory, measure, print_table, setup_torch, sync  # noqa: E402
 from datamodules import build_datamodule  # noqa: E402
-from linguadiff.models.adapter import QueryAdapter  # noqa: E402
 from linguadiff.models.diffusion import (  # noqa: E402
     diffusion_loss,
     load_noise_scheduler,
@@ -66,8 +65,10 @@ from linguadiff.models.diffusion import (  # noqa: E402
     sdxl_time_ids,
 )
 from linguadiff.models.frozen import freeze  # noqa: E402
-from lightning_modules.stage2_end_to_end import Stage2EndToEnd  # noqa: E402
-from linguadiff.models.text_encoder import LLMTextEncoder, PromptTokenizer, length_groups, torch_dtype  # noqa: E402
+from lightning_modules.diffusion_stage import DiffusionStage  # noqa: E402
+from lightning_modules.settings import DiffusionSettings, StageSettings  # noqa: E402
+from linguadiff.models.prompt_encoder import PromptEncoder, length_groups  # noqa: E402
+from linguadiff.models.text_encoder import LLMTextEncoder, PromptTokenizer, torch_dtype  # noqa: E402
 from linguadiff.config import load_config, resolve  # noqa: E402
 from linguadiff.offline_tokenizers import save_byte_tokenizer  # noqa: E402
 
@@ -147,7 +148,7 @@ def build_random_base_7b(cfg, preset: str, folder: Path, device: torch.device, t
     scheduler = DDPMScheduler(**SDXL_SCHEDULER)
     if cfg.diffusion.prediction_type:
         scheduler.register_to_config(prediction_type=cfg.diffusion.prediction_type)
-    encoder = _InMemoryTextEncoder(llm, llm_dir, cfg.llm.max_length, tuple(cfg.llm.layers), cfg.llm.layer_mix,
+    encoder = InMemoryTextEncoder(llm, llm_dir, cfg.llm.max_length, tuple(cfg.llm.layers), cfg.llm.layer_mix,
                                    cfg.llm.add_bos)
     if tiny:  # the shortcut must be exact: compare with the project's loaders
         _check_same(cfg, folder, encoder, unet, vae, scheduler)
@@ -210,7 +211,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def synthetic_batch(module: Stage2EndToEnd, size: int, resolution: int, latent_shape: tuple[int, ...],
+def synthetic_batch(module: DiffusionStage, size: int, resolution: int, latent_shape: tuple[int, ...],
                     args, rng: random.Random, pin: bool) -> dict:
     """A batch as ``ImageTextDataModule`` gives it (images in [-1, 1], tokens, SDXL sizes),
     plus ``latents``: what a latent cache would give instead of the images."""
@@ -347,12 +348,11 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             encoder, unet, vae, scheduler = build_random_base_7b(cfg, args.preset, Path(tmp), device, args.tiny, args.llm_attn,
                                                                  with_vae=not args.cached_latents)
-        a = cfg.adapter
         with torch.device(device):
-            adapter = QueryAdapter(encoder.hidden_size, a.dim, a.num_queries, a.encoder_layers, a.decoder_layers,
-                                   a.heads, a.ffn_dim, a.pooled_dim)
+            prompt_encoder = PromptEncoder.with_new_adapter(encoder, cfg.adapter)
         # The stage module sets what trains, gradient checkpointing, the loss options and the EMA.
-        module = Stage2EndToEnd(cfg, encoder, adapter, unet, vae, scheduler).to(device)
+        module = DiffusionStage(StageSettings.from_config(cfg), DiffusionSettings.from_config(cfg), prompt_encoder,
+                                unet, vae, scheduler).to(device)
         module.trainer = bare_trainer(device, autocast)  # configure_optimizers reads the precision
         module.on_fit_start()  # asserts the trainable set
         optimizer = module.configure_optimizers()["optimizer"]
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
             return torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
 
         def optimizer_step() -> None:
-            """What Lightning does after backward: clip, step, zero_grad; then Stage2EndToEnd.optimizer_step's EMA."""
+            """What Lightning does after backward: clip, step, zero_grad; then DiffusionStage.optimizer_step's EMA."""
             if clip:
                 module.configure_gradient_clipping(optimizer, clip, "norm")
             initial = None if args.no_ema else module.ema.before_step(optimizer)
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_input": f"{(batch_size, *latent_shape)}" + (" latents" if vae is not None or cached else " pixels"),
             "llm_tokens_mean": round(lengths.float().mean().item(), 1), "llm_tokens_max": int(lengths.max()),
             "length_groups": [len(g) for g in groups],
-            "context": f"{(batch_size, a.num_queries, a.dim)}", "autocast_bf16": autocast,
+            "context": f"{(batch_size, cfg.adapter.num_queries, cfg.adapter.dim)}", "autocast_bf16": autocast,
             "llm_dtype": str(next(encoder.model.parameters()).dtype),
             "vae_dtype": str(vae.dtype) if vae is not None else None,
             "params_m": {name: round(total / 1e6, 1) for name, total, _ in module.trainable_report()},
@@ -413,25 +413,13 @@ def main(argv: list[str] | None = None) -> dict:
         save()
 
         # ------------------------------------------------ the steps
-        def llm_features(tokens: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            """Stage2EndToEnd.encode_prompts' LLM calls: per length group, trimmed to its longest."""
-            ids, attention = tokens["input_ids"], tokens["attention_mask"]
-            parts = length_groups(attention.sum(1))
-            if len(parts) == 1:
-                return [module.text_encoder(ids, attention)]
-            features = []
-            for index in parts:
-                width = int(attention[index].sum(1).max())
-                features.append(module.text_encoder(ids[index, :width], attention[index, :width]))
-            return features
+        def llm_features(tokens: dict):
+            """DiffusionStage.conditioning's LLM calls (PromptEncoder.llm_features): per length group."""
+            return module.prompt_encoder.llm_features(tokens["input_ids"], tokens["attention_mask"])
 
         def adapter_outputs(features, tokens: dict) -> dict:
-            """Stage2EndToEnd.encode_prompts' adapter calls and the reordering."""
-            outs = [module.adapter(*f) for f in features]
-            if len(outs) == 1:
-                return outs[0]
-            inverse = torch.argsort(torch.cat(length_groups(tokens["attention_mask"].sum(1))))
-            return {k: None if outs[0][k] is None else torch.cat([o[k] for o in outs])[inverse] for k in outs[0]}
+            """DiffusionStage.conditioning's adapter calls and the reordering (PromptEncoder.adapt)."""
+            return module.prompt_encoder.adapt(*features)
 
         with amp():
             features = llm_features(sample["student_tokens"])
@@ -456,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
             """(a) the reference: diffusion loss on random latents and context, backward, AdamW."""
             with amp():
                 loss = diffusion_loss(module.unet, module.noise_scheduler, random_x0, noise_context,
-                                      module.loss_options, unet_added).mean()
+                                      module.diffusion.loss, unet_added).mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -485,12 +473,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         def full_step(from_cache: bool) -> Callable[[], None]:
             def step() -> None:
-                """Stage2EndToEnd.training_step's work, then Lightning's optimizer step."""
+                """DiffusionStage.training_step's work, then Lightning's optimizer step."""
                 batch = next_batch(from_cache)
                 with amp():
                     x0 = batch["latents"] if from_cache else module.to_model_space(batch)
-                    context, added = module._conditioning(batch)
-                    loss = diffusion_loss(module.unet, module.noise_scheduler, x0, context, module.loss_options, added).mean()
+                    context, added = module.conditioning(batch)
+                    loss = diffusion_loss(module.unet, module.noise_scheduler, x0, context, module.diffusion.loss, added).mean()
                 loss.backward()
                 optimizer_step()
             return step
@@ -516,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
                     pooled = cond["pooled"].detach().requires_grad_()
                     time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
                     added = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
-                loss = diffusion_loss(module.unet, module.noise_scheduler, x0, context, module.loss_options, added).mean()
+                loss = diffusion_loss(module.unet, module.noise_scheduler, x0, context, module.diffusion.loss, added).mean()
             loss.backward()
             timer.mark("UNet fwd+bwd")
             outputs, grads = [cond["context"]], [context.grad]
@@ -596,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def wrap_like_fsdp(module: Stage2EndToEnd, cfg, device: torch.device, optimizer) -> torch.optim.Optimizer:
+def wrap_like_fsdp(module: DiffusionStage, cfg, device: torch.device, optimizer) -> torch.optim.Optimizer:
     """Wrap the LLM, adapter and UNet in FSDP units as strategy=fsdp does (linguadiff/strategy.py:
     the same units, mixed precision and activation checkpointing), each part its own root,
     since the benchmark calls the parts rather than the module's forward. Returns the new

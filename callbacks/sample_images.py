@@ -8,23 +8,43 @@ same Generator as generate.py, so what you see here is what users get.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-from omegaconf import DictConfig
 
-from linguadiff.generation import AdapterTextEncoder, Generator, make_scheduler, pipeline_from_components
+from linguadiff.generation import Generator, make_scheduler, pipeline_from_components
 from linguadiff.images import image_grid
 from linguadiff.strategy import is_fsdp
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    """What to draw (configs: `samples.*`), how (`generate.*`) and for which base."""
+
+    base_kind: str  # demo | sd15 | sdxl: which diffusers pipeline draws
+    prompts: tuple[str, ...]
+    every_n_steps: int = 1000  # 0: never
+    negative_prompt: str = ""
+    num_images: int = 2
+    seed: int = 0
+    scheduler: str = "dpm++"
+    steps: int = 50
+    guidance: float = 7.5
+    batch_size: int = 16  # what fits for training fits for sampling: data.batch_size
+
+
 class SampleImages(L.Callback):
-    def __init__(self, cfg: DictConfig, out_dir: str | Path) -> None:
-        self.cfg = cfg
-        self.every = int(cfg.samples.every_n_steps)
+    """Draws the grid every `every_n_steps` and at the end of training, with the stage module's
+    EMA weights; the module provides `prompt_encoder`, `unet`, `vae`, `noise_scheduler` and
+    `ema_weights()`."""
+
+    def __init__(self, settings: SampleSettings, out_dir: str | Path) -> None:
+        self.settings = settings
+        self.every = int(settings.every_n_steps)
         self.out_dir = Path(out_dir)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -41,25 +61,24 @@ class SampleImages(L.Callback):
         layer's weights are gathered from all ranks) and rank 0 saves."""
         if not (trainer.is_global_zero or is_fsdp(trainer.strategy)):
             return None
-        s, g = self.cfg.samples, self.cfg.generate
+        s = self.settings
         module_mode = pl_module.training
         pl_module.eval()
         try:
             with pl_module.ema_weights():
                 generator = Generator(
-                    encoder=AdapterTextEncoder(pl_module.text_encoder, pl_module.adapter),
+                    encoder=pl_module.prompt_encoder,
                     pipeline=pipeline_from_components(
-                        self.cfg.model.kind, pl_module.unet, pl_module.vae,
-                        make_scheduler(g.scheduler, pl_module.noise_scheduler.config),
+                        s.base_kind, pl_module.unet, pl_module.vae, make_scheduler(s.scheduler, pl_module.noise_scheduler.config),
                     ),
-                    kind=self.cfg.model.kind,
+                    kind=s.base_kind,
                     metadata={},
-                    defaults={"scheduler": g.scheduler, "steps": g.steps, "guidance": g.guidance},
+                    defaults={"scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance},
                 )
                 generator.pipeline.set_progress_bar_config(disable=True)
                 prompts = list(s.prompts)
                 drawn = generator(prompts, negative_prompt=s.negative_prompt, num_images=s.num_images, seed=s.seed,
-                                  batch_size=self.cfg.data.batch_size)  # what fits for training fits for sampling
+                                  batch_size=s.batch_size)
         finally:
             pl_module.train(module_mode)
         if not trainer.is_global_zero:

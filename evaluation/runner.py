@@ -41,7 +41,7 @@ from evaluation.clip_models import CLIPBundle, cross_language_similarity, image_
 from evaluation.image_features import FID_FEATURES, DistributionDistance, feature_space
 from evaluation.references import reference_batches
 from evaluation.report import GRID_FILE, Report, write_tensorboard
-from evaluation.text_alignment import held_out_text_metrics, stage1_module
+from evaluation.text_alignment import held_out_text_metrics
 from linguadiff.generation import Generator
 
 log = logging.getLogger(__name__)
@@ -327,10 +327,8 @@ def text_set(generator: Generator, cfg: DictConfig | None, settings: EvalSetting
         report.skipped["text"] = ("no held-out parallel text: give text=SHARD_URLS (stage-1 text shards)"
                                   if settings.text != "none" else "text=none")
         return
-    module = stage1_module(cfg, generator.encoder.text_encoder, generator.encoder.adapter, settings.base,
-                           torch.device(settings.device))
     pool = settings.text_pool or int(cfg.eval.retrieval_pool)
-    report.metrics.update(held_out_text_metrics(module, urls, pool))
+    report.metrics.update(held_out_text_metrics(generator.encoder, cfg, urls, pool, base_path=settings.base))
 
 
 def held_out_text_urls(option: str, cfg: DictConfig) -> str | None:

@@ -2,27 +2,29 @@
 
 Per language: the alignment loss and token cosine the stage-1 module trains on, and the
 retrieval recall@1/@5 its validation reports (does a caption's adapter output find its own
-English CLIP teacher output among the held-out pool?). The stage-1 module itself does the
-work, built around the run's already loaded LLM and adapter with the base's CLIP teacher,
-so the numbers are exactly what training logs as ``val/...``, now split by language. For
-stage-2/3 runs they show how far end-to-end training moved the adapter from CLIP.
+English CLIP teacher output among the held-out pool?). The run's already loaded LLM and
+adapter (its PromptEncoder) meet the base's CLIP teacher under the run's own loss settings,
+through the same loss and recall functions stage-1 training uses, so the numbers are what
+training logs as ``val/...``, now split by language. For stage-2/3 runs they show how far
+end-to-end training moved the adapter from CLIP.
 """
 from __future__ import annotations
 
-import copy
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datamodules.shards import parse_sources
 from datamodules.text_shards import TextPairStream
 from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
-from lightning_modules.stage1_alignment import Stage1Alignment, retrieval_recall
 from linguadiff.config import ConfigError
+from linguadiff.models.losses import alignment_loss, retrieval_recall
+from linguadiff.models.prompt_encoder import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -76,35 +78,31 @@ def text_alignment_metrics(
     return metrics
 
 
-def stage1_module(cfg: DictConfig, text_encoder, adapter, base_path: str | None, device: torch.device) -> Stage1Alignment:
-    """The stage-1 module around the run's own LLM and adapter, with the base's CLIP teacher.
+def held_out_text_metrics(prompt_encoder: PromptEncoder, cfg: DictConfig, urls: str, pool_size: int,
+                          base_path: str | None = None, batch_size: int = 256) -> dict[str, float]:
+    """Run the stage-1 measures over held-out parallel text shards (every language pair once).
 
-    The run's config may be of stage 2 or 3; its loss settings and model names still apply.
-    """
-    cfg = copy.deepcopy(cfg)
-    OmegaConf.update(cfg, "stage", 1)
-    OmegaConf.update(cfg, "train.trainable", ["adapter"])
-    teacher = CLIPTeacher(base_path or cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
-    module = Stage1Alignment(cfg, text_encoder, teacher.to(device), adapter)
-    adapter.requires_grad_(False)  # the module marks what stage 1 trains; nothing trains here
-    return module.eval()
-
-
-def held_out_text_metrics(module: Stage1Alignment, urls: str, pool_size: int, batch_size: int = 256) -> dict[str, float]:
-    """Run the stage-1 measures over held-out parallel text shards (every language pair once)."""
+    `cfg` is the run's saved config (of any stage): its base model names the CLIP teacher, its
+    `loss` section the alignment loss; `base_path` points at a local copy of that base."""
     try:
         sources = parse_sources(urls)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"option 'text': {err}") from None
+    device = prompt_encoder.device
+    teacher_model = CLIPTeacher(base_path or cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype).to(device)
+    loss = cfg.loss
+    alignment = functools.partial(alignment_loss, loss_type=loss.type, norm_weight=loss.norm_weight,
+                                  pooled_weight=loss.pooled_weight)
     stream = TextPairStream(sources, train=False, language_weights={}, batch_size=batch_size, seed=0, shuffle_buffer=0,
-                            tokenizers=module.tokenizers(), rank=0, world_size=1)
-    device = next(module.adapter.parameters()).device
+                            tokenizers={"teacher": teacher_model.tokenizer, "student": prompt_encoder.tokenizer},
+                            rank=0, world_size=1)
 
     def student(batch: dict[str, Any]) -> Features:  # in float32 like the teacher's, whatever the LLM's dtype
-        out = module.student({k: v.to(device) for k, v in batch["student_tokens"].items()})
+        tokens = batch["student_tokens"]
+        out = prompt_encoder(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
         return {k: (v.float() if v is not None else None) for k, v in out.items()}
 
     def teacher(batch: dict[str, Any]) -> Features:
-        return module.teacher(batch["teacher_tokens"])
+        return teacher_model(batch["teacher_tokens"])
 
-    return text_alignment_metrics(stream, student, teacher, module.alignment, pool_size)
+    return text_alignment_metrics(stream, student, teacher, alignment, pool_size)

@@ -1,19 +1,18 @@
-"""The stage modules and the parts they share (LLM text encoder, CLIP teacher, adapter, UNet)."""
+"""The stage modules (one LightningModule per stage, on the thin `StageModule` base) and what
+only training needs (their typed settings, the EMA). The models they train live in
+`linguadiff.models`."""
 from __future__ import annotations
 
 
 def stage_class(stage: int):
-    """The LightningModule class of a training stage (imported lazily: each pulls in torch)."""
+    """The LightningModule class of a training stage (imported lazily: each pulls in torch).
+    Stages 2 and 3 are one module: stage 3 differs from stage 2 in configuration only."""
     if stage == 1:
         from lightning_modules.stage1_alignment import Stage1Alignment
 
         return Stage1Alignment
-    if stage == 2:
-        from lightning_modules.stage2_end_to_end import Stage2EndToEnd
+    if stage in (2, 3):
+        from lightning_modules.diffusion_stage import DiffusionStage
 
-        return Stage2EndToEnd
-    if stage == 3:
-        from lightning_modules.stage3_aesthetic import Stage3Aesthetic
-
-        return Stage3Aesthetic
+        return DiffusionStage
     raise ValueError(f"there is no stage {stage} (stages 1, 2, 3)")

@@ -1,12 +1,15 @@
 """The thin base every stage module stands on.
 
 What it owns, so the stages don't repeat it:
-- which parts train: the config's ``train.trainable`` names child modules; everything else
+- which parts train: ``settings.trainable`` names child modules; everything else
   is frozen, and the set is logged and asserted when fitting starts (a wrong trainable set
   is the classic silent bug of this field);
 - checkpoints that hold only what trains (a frozen 7B LLM is loaded again from its source,
   never copied into every checkpoint);
 - AdamW with warm-up then cosine decay, on the trainable parameters only;
+- the prompt backbone (`prompt_encoder`): the LLM and adapter are the stage's own parts
+  ``text_encoder`` and ``adapter`` (their names are what trains, what checkpoints hold and
+  what FSDP wraps), seen together through a PromptEncoder;
 - the bad-sample counts the data workers attach to each batch, summed and logged;
 - what differs under FSDP: clipping over all shards, gathering shards for export,
   checkpoints read back by the strategy (linguadiff/strategy.py).
@@ -23,21 +26,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
-from torch import nn
-
-from linguadiff.models.frozen import freeze
+from lightning_modules.settings import StageSettings
 from linguadiff.config import ConfigError
 from linguadiff.distributed import unwrap
+from linguadiff.models.frozen import freeze
+from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.strategy import is_fsdp
 
 log = logging.getLogger(__name__)
 
 
 class StageModule(L.LightningModule):
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, settings: StageSettings) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.settings = settings
         # Frozen weights are left out of checkpoints (see on_save_checkpoint), so loading one
         # must not demand them; on_load_checkpoint checks that every trained weight is there.
         self.strict_loading = False
@@ -47,12 +49,12 @@ class StageModule(L.LightningModule):
 
     def apply_trainable(self) -> None:
         """Unfreeze the children named in ``train.trainable``; freeze every other child."""
-        wanted = list(self.cfg.train.trainable)
+        wanted = list(self.settings.trainable)
         children = dict(self.named_children())
         unknown = [n for n in wanted if n not in children]
         if unknown:
             raise ConfigError(
-                f"config key 'train.trainable' names {unknown}, which stage {self.cfg.stage} does not have; "
+                f"config key 'train.trainable' names {unknown}, which stage {self.settings.stage} does not have; "
                 f"its parts are {sorted(children)}"
             )
         for name, child in children.items():
@@ -64,11 +66,11 @@ class StageModule(L.LightningModule):
     def apply_speed_options(self) -> None:
         """`speed.compile` (parts compiled in place: their weight names, and so checkpoints,
         stay the same) and `speed.channels_last` (the UNet's convolutions)."""
-        sp = self.cfg.speed
+        sp = self.settings
         children = dict(self.named_children())
         for name in sp.compile:
             if name not in children:
-                raise ConfigError(f"config key 'speed.compile' names {name!r}, which stage {self.cfg.stage} does not have; "
+                raise ConfigError(f"config key 'speed.compile' names {name!r}, which stage {sp.stage} does not have; "
                                   f"its parts are {sorted(children)}")
             children[name].compile(mode=None if sp.compile_mode == "default" else sp.compile_mode)
         if sp.channels_last and "unet" in children:
@@ -90,24 +92,30 @@ class StageModule(L.LightningModule):
         report = self.trainable_report()
         lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'trains' if n else 'frozen'}" for name, total, n in report]
         if self._trainer is None or self.trainer.is_global_zero:
-            log.info("Stage %d parts (parameters%s, state):\n%s", self.cfg.stage,
+            log.info("Stage %d parts (parameters%s, state):\n%s", self.settings.stage,
                      " of this rank's FSDP shards" if self.sharded else "", "\n".join(lines))
         training = {name for name, _, n in report if n}
         partly = [name for name, total, n in report if 0 < n < total]
-        expected = set(self.cfg.train.trainable)
+        expected = set(self.settings.trainable)
         if training != expected or partly:
             raise RuntimeError(
                 f"trainable set {sorted(training)} (partly trainable: {partly}) differs from "
                 f"train.trainable={sorted(expected)}: refusing to train the wrong parameters"
             )
 
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        """The LLM + adapter backbone over this stage's own (possibly wrapped) parts."""
+        return PromptEncoder(self.text_encoder, self.adapter)
+
     # ------------------------------------------------------------------ checkpoints
 
-    def _frozen_prefixes(self) -> tuple[str, ...]:
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """``"name."`` of every part with no trainable weight: left out of checkpoints."""
         return tuple(f"{name}." for name, child in self.named_children() if not any(p.requires_grad for p in child.parameters()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = self._frozen_prefixes()
+        frozen = self.frozen_prefixes()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
         checkpoint["skipped_samples"] = dict(self.skipped)
 
@@ -115,7 +123,7 @@ class StageModule(L.LightningModule):
         self.skipped = Counter(checkpoint.get("skipped_samples", {}))
         if "state_dict" not in checkpoint:  # sharded (FSDP): the strategy has read the weights it holds
             return
-        frozen = self._frozen_prefixes()
+        frozen = self.frozen_prefixes()
         needed = {k for k in self.state_dict() if not k.startswith(frozen)}
         missing = sorted(needed - set(checkpoint["state_dict"]))
         if missing:
@@ -128,7 +136,7 @@ class StageModule(L.LightningModule):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "trainable"}]
 
     def configure_optimizers(self):
-        o = self.cfg.optim
+        o = self.settings.optim
         groups = self.param_groups()
         params = [p for group in groups for p in group["params"]]
         # Fused AdamW (one kernel for all parameters) on GPUs, except under fp16 mixed precision,
@@ -137,7 +145,7 @@ class StageModule(L.LightningModule):
         fp16 = "16" in precision and "bf16" not in precision
         fused = torch.cuda.is_available() and all(p.is_cuda for p in params) and not fp16
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
-        total, warmup = max(1, int(self.cfg.trainer.max_steps)), max(0, int(o.warmup_steps))
+        total, warmup = max(1, o.total_steps), max(0, o.warmup_steps)
 
         def lr_factor(step: int) -> float:
             if step < warmup:
@@ -201,7 +209,7 @@ class StageModule(L.LightningModule):
         # device runs unsharded (NO_SHARD), where it cannot offload (and need not).
         sharded = trainer.world_size > 1 and trainer.strategy.sharding_strategy != ShardingStrategy.NO_SHARD
         with ExitStack() as stack:
-            for name in self.cfg.train.trainable:
+            for name in self.settings.trainable:
                 stack.enter_context(FSDP.summon_full_params(getattr(self, name), writeback=False, rank0_only=True,
                                                             offload_to_cpu=sharded and self.device.type != "cpu"))
             yield trainer.is_global_zero

@@ -14,36 +14,37 @@ teacher output among the held-out pool?).
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from linguadiff.models.adapter import QueryAdapter
 from lightning_modules.base import StageModule
-from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
-from linguadiff.models.losses import ALIGNMENT_LOSSES, token_cosine_similarity
-from linguadiff.models.text_encoder import LLMTextEncoder, encode_by_length
+from lightning_modules.settings import AlignmentSettings, StageSettings
 from linguadiff.config import ConfigError
 from linguadiff.distributed import gather_objects
+from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
+from linguadiff.models.losses import ALIGNMENT_LOSSES, alignment_loss, retrieval_recall
+from linguadiff.models.prompt_encoder import PromptEncoder
+from linguadiff.models.text_encoder import LLMTextEncoder
 from linguadiff.strategy import llm_device
 
 log = logging.getLogger(__name__)
 
 
 class Stage1Alignment(StageModule):
-    def __init__(self, cfg: DictConfig, text_encoder: LLMTextEncoder, teacher: CLIPTeacher, adapter: QueryAdapter) -> None:
-        super().__init__(cfg)
-        check_shapes(cfg, text_encoder, teacher, adapter)
-        self.text_encoder = text_encoder
+    def __init__(self, settings: StageSettings, alignment: AlignmentSettings, prompt_encoder: PromptEncoder,
+                 teacher: CLIPTeacher) -> None:
+        super().__init__(settings)
+        check_fit(prompt_encoder, teacher)
+        if alignment.loss_type not in ALIGNMENT_LOSSES:
+            raise ConfigError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {alignment.loss_type!r}")
+        self.alignment_settings = alignment
+        self.text_encoder = prompt_encoder.text_encoder
+        self.adapter = prompt_encoder.adapter
         self.teacher = teacher
-        self.adapter = adapter
         self.apply_trainable()
         self.apply_speed_options()
-        if cfg.loss.type not in ALIGNMENT_LOSSES:
-            raise ConfigError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {cfg.loss.type!r}")
-        self.loss_fn = ALIGNMENT_LOSSES[cfg.loss.type]
         self._val_outputs: list[dict[str, Any]] = []
 
     @classmethod
@@ -51,18 +52,12 @@ class Stage1Alignment(StageModule):
         """Load the LLM and the base's CLIP teacher (from_pretrained) and build a fresh adapter."""
         text_encoder = LLMTextEncoder.from_settings(cfg.llm, device=llm_device(cfg))
         teacher = CLIPTeacher(cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
-        a = cfg.adapter
-        adapter = QueryAdapter(
-            llm_dim=text_encoder.hidden_size,
-            dim=a.dim,
-            num_queries=a.num_queries,
-            encoder_layers=a.encoder_layers,
-            decoder_layers=a.decoder_layers,
-            heads=a.heads,
-            ffn_dim=a.ffn_dim,
-            pooled_dim=a.pooled_dim,
-        )
-        return cls(cfg, text_encoder, teacher, adapter)
+        prompt_encoder = PromptEncoder.with_new_adapter(text_encoder, cfg.adapter)
+        try:
+            check_fit(prompt_encoder, teacher, llm_name=cfg.llm.name, base_name=cfg.model.name)
+        except AdapterMismatch as err:
+            raise ConfigError(f"the adapter does not fit the base model: {err}") from None
+        return cls(StageSettings.from_config(cfg), AlignmentSettings.from_config(cfg), prompt_encoder, teacher)
 
     def tokenizers(self) -> dict[str, Any]:
         """Picklable tokenizers the data workers run (no model inside)."""
@@ -72,19 +67,13 @@ class Stage1Alignment(StageModule):
 
     def student(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """LLM + adapter, run per group of similar prompt lengths (same result, less padding)."""
-        return encode_by_length(self.text_encoder, self.adapter, tokens["input_ids"], tokens["attention_mask"],
-                                grouped=not self.sharded)
+        return self.prompt_encoder(tokens["input_ids"], tokens["attention_mask"], grouped=not self.sharded)
 
     def alignment(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
-        w = self.cfg.loss.norm_weight
-        out = self.loss_fn(student["context"], teacher["context"], w)
-        if teacher.get("pooled") is not None and student.get("pooled") is not None:
-            pooled = self.loss_fn(student["pooled"], teacher["pooled"], w)
-            out["loss"] = out["loss"] + self.cfg.loss.pooled_weight * pooled["loss"]
-            out["pooled_cosine"] = pooled["cosine"]
-        return out
+        a = self.alignment_settings
+        return alignment_loss(student, teacher, a.loss_type, a.norm_weight, a.pooled_weight)
 
-    def _empty_prompt(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+    def empty_prompt(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
         """The empty prompt's LLM features and CLIP target: they never change, computed once.
 
         Computed inside the first step, through the modules themselves (not their .encode):
@@ -112,10 +101,11 @@ class Stage1Alignment(StageModule):
         teacher = self.teacher(self._tokens(batch, "teacher"))
         out = self.alignment(self.student(self._tokens(batch, "student")), teacher)
         loss = out["loss"]
-        if self.cfg.loss.empty_prompt_weight > 0:
-            features, target = self._empty_prompt()
-            empty = self.alignment(self.adapter(*features), target)
-            loss = loss + self.cfg.loss.empty_prompt_weight * empty["loss"]
+        weight = self.alignment_settings.empty_prompt_weight
+        if weight > 0:
+            features, target = self.empty_prompt()
+            empty = self.alignment(self.prompt_encoder.from_features(*features), target)
+            loss = loss + weight * empty["loss"]
             self.log("train/empty_prompt_cosine", empty["cosine"], batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/cosine", out["cosine"], prog_bar=True, batch_size=size)
@@ -148,57 +138,28 @@ class Stage1Alignment(StageModule):
         self._val_outputs = []
         if self.trainer.sanity_checking or not outputs:
             return
-        for name, value in retrieval_recall(outputs, pool_size=self.cfg.eval.retrieval_pool).items():
+        for name, value in retrieval_recall(outputs, pool_size=self.alignment_settings.retrieval_pool).items():
             # Every rank computed the same figures from the gathered features: averaging is a no-op.
             self.log(f"val/{name}", value, sync_dist=True)
 
 
-def retrieval_recall(outputs: list[dict[str, Any]], pool_size: int) -> dict[str, float]:
-    """Recall@1/@5 per language: a caption's student output must rank its own English teacher
-    output first (in the top 5) among the teacher outputs of up to `pool_size` held-out keys."""
-    teacher_by_key: dict[str, torch.Tensor] = {}
-    student_by_lang: dict[str, list[tuple[str, torch.Tensor]]] = defaultdict(list)
-    for out in outputs:
-        for i, (key, lang) in enumerate(zip(out["key"], out["lang"])):
-            if key not in teacher_by_key and len(teacher_by_key) < pool_size:
-                teacher_by_key[key] = out["teacher"][i]
-            student_by_lang[lang].append((key, out["student"][i]))
-    keys = list(teacher_by_key)
-    if not keys:
-        return {}
-    index = {k: i for i, k in enumerate(keys)}
-    pool = torch.stack([teacher_by_key[k] for k in keys])
-    metrics: dict[str, float] = {}
-    non_english = []
-    for lang, items in sorted(student_by_lang.items()):
-        items = [(k, s) for k, s in items if k in index]
-        if not items:
-            continue
-        sims = token_cosine_similarity(torch.stack([s for _, s in items]), pool)
-        target = torch.tensor([index[k] for k, _ in items])
-        rank = (sims > sims[torch.arange(len(items)), target].unsqueeze(1)).sum(1)
-        metrics[f"recall@1/{lang}"] = (rank < 1).float().mean().item()
-        metrics[f"recall@5/{lang}"] = (rank < 5).float().mean().item()
-        if lang != "en":
-            non_english.append(lang)
-    if non_english:
-        for k in (1, 5):
-            metrics[f"recall@{k}/non_english"] = sum(metrics[f"recall@{k}/{l}"] for l in non_english) / len(non_english)
-    metrics["recall_pool_size"] = float(len(keys))
-    return metrics
+class AdapterMismatch(ValueError):
+    """The adapter's shape does not fit the LLM it reads or the base it feeds."""
 
 
-def check_shapes(cfg: DictConfig, text_encoder: LLMTextEncoder, teacher: CLIPTeacher, adapter: QueryAdapter) -> None:
-    """The adapter must produce exactly what the base consumes: say which key to change if not."""
-    a = adapter.config
+def check_fit(prompt_encoder: PromptEncoder, teacher: CLIPTeacher, llm_name: str = "the LLM", base_name: str = "the base") -> None:
+    """The adapter must read the LLM's width and produce exactly what the base consumes:
+    say which key to change if not."""
+    a = prompt_encoder.adapter.config
+    width = prompt_encoder.text_encoder.hidden_size
     problems = []
-    if a["llm_dim"] != text_encoder.hidden_size:
-        problems.append(f"the adapter reads width {a['llm_dim']} but {cfg.llm.name} gives {text_encoder.hidden_size}")
+    if a["llm_dim"] != width:
+        problems.append(f"the adapter reads width {a['llm_dim']} but {llm_name} gives {width}")
     if a["dim"] != teacher.context_dim:
-        problems.append(f"adapter.dim={a['dim']} but {cfg.model.name}'s text context is {teacher.context_dim} wide")
+        problems.append(f"adapter.dim={a['dim']} but {base_name}'s text context is {teacher.context_dim} wide")
     if a["num_queries"] != teacher.context_tokens:
-        problems.append(f"adapter.num_queries={a['num_queries']} but {cfg.model.name} reads {teacher.context_tokens} context tokens")
+        problems.append(f"adapter.num_queries={a['num_queries']} but {base_name} reads {teacher.context_tokens} context tokens")
     if (a["pooled_dim"] or None) != (teacher.pooled_dim or None):
-        problems.append(f"adapter.pooled_dim={a['pooled_dim']} but {cfg.model.name}'s pooled text feature is {teacher.pooled_dim}")
+        problems.append(f"adapter.pooled_dim={a['pooled_dim']} but {base_name}'s pooled text feature is {teacher.pooled_dim}")
     if problems:
-        raise ConfigError("the adapter does not fit the base model: " + "; ".join(problems))
+        raise AdapterMismatch("; ".join(problems))

@@ -17,12 +17,11 @@ from linguadiff.models.adapter import read_adapter_metadata
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def adapter_metadata(cfg: DictConfig, global_step: int) -> dict:
-    """Everything a stranger needs to use the adapter without the training config."""
+def adapter_metadata(cfg: DictConfig) -> dict:
+    """Everything a stranger needs to use the adapter without the training config, and what
+    its model card says of the training (`stamped` adds the step and time at export)."""
     return {
         "stage": int(cfg.stage),
-        "global_step": int(global_step),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "presets": {k: v for k, v in cfg.presets.items() if v},
         "llm": {
             "name": cfg.llm.name,
@@ -37,24 +36,41 @@ def adapter_metadata(cfg: DictConfig, global_step: int) -> dict:
         },
         "base_model": {"name": cfg.model.name, "kind": cfg.model.kind, "path": cfg.model.path, "revision": cfg.model.revision},
         "generate": {k: cfg.generate[k] for k in cfg.generate},
+        "training": {
+            "trainable": list(cfg.train.trainable),
+            "init_from": cfg.init_from,
+            "lr": float(cfg.optim.lr),
+            "weight_decay": float(cfg.optim.weight_decay),
+            "batch_size": int(cfg.data.batch_size),
+            "devices": cfg.trainer.devices,
+            "num_nodes": int(cfg.trainer.num_nodes),
+            "precision": str(cfg.trainer.precision),
+            "data": str(cfg.data.train.urls or [s.urls for s in cfg.data.train.sources]),
+        },
     }
+
+
+def stamped(metadata: dict, global_step: int) -> dict:
+    """The metadata of an export written now, at `global_step`."""
+    return {**metadata, "global_step": int(global_step),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 STAGE_NAMES = {1: "text-only alignment to the base's CLIP features", 2: "end-to-end image-text training",
                3: "aesthetic fine-tuning"}
 
 
-def write_model_card(directory: Path, cfg: DictConfig, metadata: dict, adapter: dict) -> None:
-    """export/README.md: what this is, how it was trained, how to load it."""
+def write_model_card(directory: Path, metadata: dict, adapter: dict) -> None:
+    """export/README.md: what this is, how it was trained, how to load it (from the metadata alone)."""
     has_unet = (directory / "unet").is_dir()
-    trained = ", ".join(cfg.train.trainable)
+    llm, base, train, stage = metadata["llm"], metadata["base_model"], metadata["training"], int(metadata["stage"])
     lines = [
-        f"# LinguaDiff export: {cfg.model.name} + {cfg.llm.name} (stage {cfg.stage})",
+        f"# LinguaDiff export: {base['name']} + {llm['name']} (stage {stage})",
         "",
-        f"An adapter that lets the frozen LLM `{cfg.llm.path}` replace CLIP as the text encoder of",
-        f"`{cfg.model.path}` ({cfg.model.kind}), after OmniDiffusion (ECCV 2024).",
-        f"Stage {cfg.stage}, {STAGE_NAMES[int(cfg.stage)]}: trained {trained} for {metadata['global_step']} steps"
-        + (f", starting from `{cfg.init_from}`." if cfg.init_from else "."),
+        f"An adapter that lets the frozen LLM `{llm['path']}` replace CLIP as the text encoder of",
+        f"`{base['path']}` ({base['kind']}), after OmniDiffusion (ECCV 2024).",
+        f"Stage {stage}, {STAGE_NAMES[stage]}: trained {', '.join(train['trainable'])} for {metadata['global_step']} steps"
+        + (f", starting from `{train['init_from']}`." if train["init_from"] else "."),
         "",
         "## Files",
         "",
@@ -66,13 +82,13 @@ def write_model_card(directory: Path, cfg: DictConfig, metadata: dict, adapter: 
         "",
         "## Training settings",
         "",
-        f"- LLM layers {list(cfg.llm.layers)} ({cfg.llm.layer_mix}), max {cfg.llm.max_length} tokens, dtype {cfg.llm.dtype}",
+        f"- LLM layers {list(llm['layers'])} ({llm['layer_mix']}), max {llm['max_length']} tokens, dtype {llm['dtype']}",
         f"- adapter: width {adapter['dim']}, {adapter['num_queries']} queries, "
         f"{adapter['encoder_layers']}+{adapter['decoder_layers']} layers, {adapter['heads']} heads"
         + (f", pooled {adapter['pooled_dim']}" if adapter.get("pooled_dim") else ""),
-        f"- AdamW lr {cfg.optim.lr}, weight decay {cfg.optim.weight_decay}, batch {cfg.data.batch_size} per device, "
-        f"{cfg.trainer.devices} device(s) x {cfg.trainer.num_nodes} node(s), precision {cfg.trainer.precision}",
-        f"- data: `{cfg.data.train.urls or [s.urls for s in cfg.data.train.sources]}`",
+        f"- AdamW lr {train['lr']}, weight decay {train['weight_decay']}, batch {train['batch_size']} per device, "
+        f"{train['devices']} device(s) x {train['num_nodes']} node(s), precision {train['precision']}",
+        f"- data: `{train['data']}`",
         "",
         "## Use",
         "",
@@ -81,9 +97,9 @@ def write_model_card(directory: Path, cfg: DictConfig, metadata: dict, adapter: 
         "```",
         "",
         "```python",
-        "from linguadiff.generation import AdapterTextEncoder",
-        f"encoder, meta = AdapterTextEncoder.from_export(\"{directory / 'adapter.safetensors'}\")",
-        "cond = encoder([\"a red circle\"])  # {'context': [1, N, D], 'pooled': ... or None}",
+        "from linguadiff.models.prompt_encoder import PromptEncoder",
+        f"encoder, meta = PromptEncoder.from_export(\"{directory / 'adapter.safetensors'}\")",
+        "cond = encoder.encode([\"a red circle\"])  # {'context': [1, N, D], 'pooled': ... or None}",
         "# then pass cond['context'] as prompt_embeds to the diffusers pipeline of the base model",
         "```",
         "",

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from linguadiff.export import ADAPTER_FILE
-from linguadiff.models.adapter import QueryAdapter
-from linguadiff.models.text_encoder import LLMTextEncoder, encode_by_length, torch_dtype
+from linguadiff.models.prompt_encoder import PromptEncoder
+from linguadiff.models.text_encoder import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +54,11 @@ def find_adapter(path: str | Path) -> Path:
     )
 
 
-class AdapterTextEncoder(torch.nn.Module):
-    """Prompts -> base-model text conditioning, through the frozen LLM and the trained adapter."""
-
-    def __init__(self, text_encoder: LLMTextEncoder, adapter: QueryAdapter) -> None:
-        super().__init__()
-        # Used as is: the sample callback hands in the adapter being trained.
-        self.text_encoder = text_encoder
-        self.adapter = adapter
-
-    @classmethod
-    def from_export(cls, adapter_path: str | Path, llm_path: str | None = None, dtype: str | None = None):
-        """Rebuild from an exported adapter alone (its metadata names the LLM and layers)."""
-        adapter, meta = QueryAdapter.from_file(adapter_path)
-        text_encoder = LLMTextEncoder.from_settings(meta["llm"], path=llm_path, dtype=dtype)
-        return cls(text_encoder, adapter.eval().requires_grad_(False)), meta
-
-    @torch.no_grad()
-    def forward(self, prompts: list[str]) -> dict[str, torch.Tensor | None]:
-        device = next(self.adapter.parameters()).device
-        tokens = self.text_encoder.tokenizer(prompts)
-        dtype = next(self.adapter.parameters()).dtype
-        return encode_by_length(
-            self.text_encoder, lambda features, mask: self.adapter(features.to(dtype), mask),
-            tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
-        )
-
-
 @dataclass
 class Generator:
-    """A text encoder (prompts -> {"context", "pooled"}) + the base's diffusion pipeline."""
+    """A text encoder (``encode(prompts) -> {"context", "pooled"}``) + the base's diffusion pipeline."""
 
-    encoder: Any  # AdapterTextEncoder, or the base's own CLIP (CLIPTeacher) for reference
+    encoder: Any  # a PromptEncoder (LLM + adapter), or the base's own CLIP (CLIPTeacher) for reference
     pipeline: Any
     kind: str
     metadata: dict[str, Any]
@@ -101,7 +74,7 @@ class Generator:
         llm_path: str | None = None,
     ) -> "Generator":
         adapter_path = find_adapter(run_dir)
-        encoder, meta = AdapterTextEncoder.from_export(adapter_path, llm_path=llm_path, dtype=dtype)
+        encoder, meta = PromptEncoder.from_export(adapter_path, llm_path=llm_path, dtype=dtype)
         base = meta["base_model"]
         kind, path = base["kind"], base_path or base["path"]
         # A stage-2/3 export carries its trained UNet beside the adapter.
@@ -121,7 +94,7 @@ class Generator:
         pipeline = _load_pipeline(kind, base_path, None, torch_dtype(dtype), None)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
-        return cls(encoder=_NoGrad(encoder), pipeline=pipeline, kind=kind, metadata={}, defaults=defaults)
+        return cls(encoder=encoder.eval(), pipeline=pipeline, kind=kind, metadata={}, defaults=defaults)
 
     def __call__(
         self,
@@ -147,15 +120,19 @@ class Generator:
         negative_prompt = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         self.pipeline.scheduler = make_scheduler(scheduler or self.defaults.get("scheduler", "dpm++"), self.pipeline.scheduler.config)
         jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
-        negative = self.encoder([negative_prompt])
+        negative = self._encode([negative_prompt])
         results = []
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
-            cond = self.encoder([prompts[i] for i, _ in chunk])
+            cond = self._encode([prompts[i] for i, _ in chunk])
             generators = [torch.Generator().manual_seed(seeds[i] + j) for i, j in chunk]
             images = self._draw(cond, negative, len(chunk), steps, guidance, generators)
             results += [(i, j, im) for (i, j), im in zip(chunk, images)]
         return results
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor | None]:
+        return self.encoder.encode(prompts)
 
     def _draw(self, cond, negative, n, steps, guidance, generators) -> list[Image.Image]:
         dtype = self.pipeline.unet.dtype
@@ -174,15 +151,6 @@ class Generator:
             kwargs["pooled_prompt_embeds"] = cond["pooled"].to(dtype)
             kwargs["negative_pooled_prompt_embeds"] = negative["pooled"].to(dtype).expand(n, -1)
         return self.pipeline(**kwargs).images
-
-
-class _NoGrad:
-    def __init__(self, encoder) -> None:
-        self.encoder = encoder
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> dict:
-        return self.encoder.encode(prompts)
 
 
 def _load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dtype, revision: str | None):

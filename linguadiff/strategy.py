@@ -201,7 +201,7 @@ class ShardedFSDPStrategy(FSDPStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if not (path.is_dir() and (path / _METADATA_FILENAME).is_file()):  # a single-file checkpoint
             return super().load_checkpoint(checkpoint_path, weights_only)
-        frozen = self.lightning_module._frozen_prefixes()
+        frozen = self.lightning_module.frozen_prefixes()
         with _get_sharded_state_dict_context(self.model):
             trained = {"model": {k: v for k, v in self.model.state_dict().items() if not k.startswith(frozen)}}
             _distributed_checkpoint_load(trained, path)

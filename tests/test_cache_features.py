@@ -28,7 +28,7 @@ def _first_val_batch(cfg, module) -> dict:
 def _loss(module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)  # the latent draw: same random state for both
     x0 = module.to_model_space(batch)
-    context, added = module._conditioning(batch)
+    context, added = module.conditioning(batch)
     timesteps = torch.full((x0.shape[0],), 500, dtype=torch.long)
     loss = diffusion_loss(module.unet, module.noise_scheduler, x0, context, DiffusionLossConfig(), added, timesteps,
                           torch.Generator().manual_seed(1))

@@ -10,7 +10,7 @@ from PIL import Image
 
 import generate
 import train
-from linguadiff.generation import AdapterTextEncoder
+from linguadiff.models.prompt_encoder import PromptEncoder
 from tests.test_stage1_training import assets, tiny_args  # noqa: F401  (module fixture)
 from tests.tiny_models import make_tiny_sd_pipeline
 
@@ -47,8 +47,11 @@ def test_demo_export_draws_with_the_pixel_pipeline(assets, tmp_path):  # noqa: F
     run_dir = tmp_path / "run"
     assert train.main([f"run_dir={run_dir}", f"data.train.urls={assets['train']}", f"data.val.urls={assets['val']}",
                        "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=2", "trainer.val_check_interval=2"]) == 0
-    encoder, meta = AdapterTextEncoder.from_export(run_dir / "export" / "adapter.safetensors")
+    encoder, meta = PromptEncoder.from_export(run_dir / "export" / "adapter.safetensors")
     assert meta["base_model"]["kind"] == "demo" and meta["generate"]["guidance"] == 1.5
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    cond = encoder.encode(["赤い円", "", "a very long prompt " * 40])  # any language, empty, long: one shape
+    assert cond["context"].shape == (3, 77, 64) and cond["pooled"] is None
     out = tmp_path / "out"
     assert generate.main([f"run_dir={run_dir}", "prompt=赤い円", "num_images=3", f"out_dir={out}"]) == 0
     files = sorted(out.glob("*.png"))

@@ -238,27 +238,3 @@ def test_speed_options_apply_in_place_and_name_bad_parts(world, stage1_run, tmp_
     fsdp_and_compile = stage_args(world, tmp_path / "bad2", 2, init_from=stage1_run, strategy="fsdp",
                                   **{"trainer.accelerator": "cpu", "speed.compile": "[unet]"})
     assert train.main(fsdp_and_compile) == 2
-
-
-def test_a_checkpoint_with_the_old_ema_layout_resumes_with_its_average(world, stage1_run, tmp_path):
-    """Checkpoints written before the EMA moved into the optimizer state kept it as a list."""
-    run_dir = tmp_path / "run"
-    args = stage_args(world, run_dir, 2, init_from=stage1_run, **{"samples.every_n_steps": 0})
-    assert train.main(args) == 0  # 4 steps
-    path = run_dir / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    module = stage_class(2).from_config(resolve(load_config(args)))
-    name_of = {id(p): n for n, p in module.named_parameters()}
-    names = [name_of[id(p)] for group in module.param_groups() for p in group["params"]]  # optimizer order
-    state = ckpt["optimizer_states"][0]["state"]
-    legacy = [state[i].pop(STATE_KEY) + 1.0 for i in range(len(names))]  # recognisably the legacy copy
-    ckpt["ema"] = {**ckpt["ema"], "names": names, "shadow": legacy}
-    torch.save(ckpt, path)
-
-    longer = [a for a in args if not a.startswith("trainer.max_steps=")] + ["trainer.max_steps=5"]
-    assert train.main(longer) == 0
-    resumed = torch.load(path, map_location="cpu", weights_only=False)
-    # Step 5's update (warm-up decay min(0.9, 6/15) = 0.4) starts from the legacy average.
-    for i, name in enumerate(names):
-        expected = 0.4 * legacy[i] + 0.6 * resumed["state_dict"][name].float()
-        assert torch.allclose(resumed["optimizer_states"][0]["state"][i][STATE_KEY], expected, atol=1e-6), name

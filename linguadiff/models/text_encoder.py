@@ -14,7 +14,7 @@ layers are an option here (``layers``, ``layer_mix``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -120,53 +120,6 @@ class PromptTokenizer:
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def length_groups(lengths: torch.Tensor, min_saving: float = 0.25) -> list[torch.Tensor]:
-    """Split a batch into two groups of similar prompt length when that saves padded work.
-
-    A batch is padded to its longest prompt, so one long caption makes every row pay for
-    its length (a 700-byte caption among 40-byte ones costs ~15x). Splitting the sorted
-    lengths at the point that minimises padded tokens, and encoding each group trimmed to
-    its own longest, gives the same features (masks make rows independent) for less work.
-    Returns index tensors into the batch; one group when the split saves < `min_saving`.
-    """
-    order = torch.argsort(lengths)
-    ordered = lengths[order].tolist()
-    n = len(ordered)
-    full = n * ordered[-1] if n else 0
-    best_k, best = n, full
-    for k in range(1, n):
-        cost = k * ordered[k - 1] + (n - k) * ordered[-1]
-        if cost < best:
-            best_k, best = k, cost
-    if n == 0 or best > (1 - min_saving) * full:
-        return [torch.arange(n, device=lengths.device)]
-    return [order[:best_k], order[best_k:]]
-
-
-def encode_by_length(
-    text_encoder: "LLMTextEncoder",
-    adapter: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor | None]],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    grouped: bool = True,
-) -> dict[str, torch.Tensor | None]:
-    """LLM + adapter over a batch, run per `length_groups` group and put back in batch order.
-
-    The adapter's outputs have a fixed size (N queries), so groups of different padded
-    lengths concatenate; the result equals one padded pass, for less work. `grouped=False`
-    makes it one pass: under FSDP every rank must make the same number of forward calls.
-    """
-    groups = length_groups(attention_mask.sum(1)) if grouped else [torch.arange(len(input_ids))]
-    if len(groups) == 1:
-        return adapter(*text_encoder(input_ids, attention_mask))
-    parts = []
-    for index in groups:
-        width = int(attention_mask[index].sum(1).max())
-        parts.append(adapter(*text_encoder(input_ids[index, :width], attention_mask[index, :width])))
-    inverse = torch.argsort(torch.cat(groups))
-    return {key: None if parts[0][key] is None else torch.cat([p[key] for p in parts])[inverse] for key in parts[0]}
 
 
 def _load_backbone(
