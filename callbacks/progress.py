@@ -98,7 +98,7 @@ def run_summary(trainer, pl_module, unit: str) -> str:
     line = (f"global batch {global_batch} {unit} = {per_device} per device x {trainer.num_devices} devices x "
             f"{trainer.num_nodes} nodes x {accumulate} accumulated; {type(trainer.strategy).__name__}, "
             f"precision {trainer.precision}; from step {trainer.global_step} to {trainer.max_steps}")
-    from datamodules.shards import count_samples
+    from datamodules.tar_reading import count_samples
 
     sources = getattr(trainer.datamodule, "train_sources", None) or []
     counts = [count_samples(source.urls) for source in sources]

@@ -1,4 +1,11 @@
-"""Data for each stage: WebDataset-layout tar shards streamed into batches."""
+"""Data for each stage: WebDataset-layout tar shards streamed into batches.
+
+One idea per file, lowest first: `sources` (shard URLs, weighted sources, language codes),
+`skips` (skipped inputs, counted and warned about), `tar_reading` (shards -> raw samples),
+`streams` (which consumer reads what, and the combinators down to worker-made batches),
+`datamodule` (the LightningDataModule base); then what a sample means: `text_shards`
+(stage 1), `image_shards` and `cached` (stages 2-3), and the demo data set (`demo_data`).
+"""
 from __future__ import annotations
 
 from typing import Any

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.shards import parse_sources
+from datamodules.sources import parse_sources
 from datamodules.text_shards import TextPairStream
 from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 from lightning_modules.stage1_alignment import Stage1Alignment, retrieval_recall

@@ -16,7 +16,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from datamodules.shards import Consumer, SkipCounter, expand_urls, iter_tar_samples
+from datamodules.skips import SkipCounter
+from datamodules.sources import expand_urls
+from datamodules.streams import Consumer
+from datamodules.tar_reading import iter_tar_samples
 from datamodules.text_shards import TextPairStream, TextShardsDataModule
 from tests.shard_helpers import write_shard
 
