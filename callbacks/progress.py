@@ -98,12 +98,11 @@ def run_summary(trainer, pl_module, unit: str) -> str:
     line = (f"global batch {global_batch} {unit} = {per_device} per device x {trainer.num_devices} devices x "
             f"{trainer.num_nodes} nodes x {accumulate} accumulated; {type(trainer.strategy).__name__}, "
             f"precision {trainer.precision}; from step {trainer.global_step} to {trainer.max_steps}")
-    from datamodules.tar_reading import count_samples
-
-    sources = getattr(trainer.datamodule, "train_sources", None) or []
-    counts = [count_samples(source.urls) for source in sources]
-    if global_batch and counts and all(c is not None for c in counts):
-        samples = sum(counts)
+    # Duck-typed, so this callback need not import its sibling datamodules/: any datamodule
+    # with `samples_per_epoch()` (the shard datamodules have it) gives steps per epoch.
+    samples_per_epoch = getattr(trainer.datamodule, "samples_per_epoch", None)
+    samples = samples_per_epoch() if callable(samples_per_epoch) else None
+    if global_batch and samples is not None:
         line += f"; {samples} training samples: {samples / global_batch:.1f} steps per epoch"
     else:
         line += "; steps per epoch unknown (streamed shards without img2dataset *_stats.json)"

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.sources import ShardSource, parse_sources
 from datamodules.streams import Tokenizer
+from datamodules.tar_reading import count_samples
 from linguadiff.config import to_plain
 from linguadiff.distributed import group_rank_and_world
 
@@ -69,6 +70,16 @@ class ShardDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_sources is None and self.val_spec is not None:
             self.val_sources = parse_sources(self.val_spec)
             self._log_sources("val", self.val_sources)
+
+    def samples_per_epoch(self) -> int | None:
+        """Samples in one pass over the training shards, when that is cheap to know, else None.
+
+        Summed over the sources from img2dataset's `*_stats.json` or the headers of a few local
+        shards (`count_samples`); None before `setup("fit")` or when any source is remote or
+        unlabelled. What the progress callback turns into steps per epoch.
+        """
+        counts = [count_samples(source.urls) for source in self.train_sources or []]
+        return sum(counts) if counts and all(count is not None for count in counts) else None
 
     def _log_sources(self, split: str, sources: list[ShardSource]) -> None:
         for source in sources:

@@ -307,3 +307,22 @@ def test_failing_pipe_is_counted_not_fatal(tmp_path):
 def test_consumer_index_is_node_then_worker():
     assert Consumer(rank=1, world_size=2, worker_id=1, num_workers=3).index == 4
     assert Consumer(rank=1, world_size=2, worker_id=1, num_workers=3).count == 6
+
+
+def test_samples_per_epoch_reaches_the_progress_log_line(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from callbacks.progress import ThroughputLogger
+
+    parallel_shards(tmp_path, num_shards=3, per_shard=5)
+    dm = data_module(f"{tmp_path}/shard-{{000..002}}.tar", batch_size=3)
+    assert dm.samples_per_epoch() is None  # not set up yet: no sources to count
+    dm.setup("fit")
+    assert dm.samples_per_epoch() == 15
+    trainer = SimpleNamespace(datamodule=dm, accumulate_grad_batches=1, world_size=2, num_devices=2, num_nodes=1,
+                              strategy=object(), precision="32-true", global_step=0, max_steps=10,
+                              is_global_zero=True)
+    with caplog.at_level("INFO", logger="callbacks.progress"):
+        ThroughputLogger().on_train_start(trainer, None)
+    assert "global batch 6 samples" in caplog.text
+    assert "15 training samples: 2.5 steps per epoch" in caplog.text
