@@ -34,7 +34,8 @@ POSITIONS = ("centre", "top left", "top right", "bottom left", "bottom right")
 BACKGROUNDS = ("white", "black", "grey", "noisy")
 
 # Saturated, clearly separated hues; backgrounds are all grey shades, so the shape is the
-# only saturated thing in an image and its colour can be read back by `dominant_colour`.
+# only saturated thing in an image and its colour can be read back
+# (`evaluation.demo_readback.dominant_colour`).
 RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40)}
 BACKGROUND_LEVEL = {"white": 240, "black": 15, "grey": 128, "noisy": 128}
 # Radius as a fraction of the image side, per size word.
@@ -231,61 +232,6 @@ def plain_prompts(lang: str) -> list[tuple[str, str, str]]:
             for template in PLAIN_PROMPTS[lang]:
                 out.append((template.format(**fields), colour, shape))
     return out
-
-
-# ----------------------------------------------------------------------------- reading images back
-
-
-def dominant_colour(image: Image.Image | np.ndarray, min_saturation: int = 60) -> str | None:
-    """The demo colour most pixels are closest to, among saturated pixels (None: nothing drawn)."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).reshape(-1, 3).astype(np.float32)
-    saturated = rgb.max(1) - rgb.min(1) >= min_saturation
-    if saturated.sum() < 2:
-        return None
-    px = rgb[saturated]
-    palette = np.array([RGB[c] for c in COLOURS], np.float32)
-    # Compare chromaticity (colour direction), not brightness.
-    px_c = px - px.mean(1, keepdims=True)
-    pal_c = palette - palette.mean(1, keepdims=True)
-    sim = (px_c / (np.linalg.norm(px_c, axis=1, keepdims=True) + 1e-6)) @ (pal_c / np.linalg.norm(pal_c, axis=1, keepdims=True)).T
-    votes = np.bincount(sim.argmax(1), minlength=len(COLOURS))
-    return COLOURS[int(votes.argmax())]
-
-
-def shape_mask(image: Image.Image, min_saturation: int = 60) -> np.ndarray:
-    rgb = np.asarray(image.convert("RGB")).astype(np.int16)
-    return (rgb.max(2) - rgb.min(2)) >= min_saturation
-
-
-def classify_shape(image: Image.Image) -> str | None:
-    """Circle, square or triangle from how much of its bounding box the shape fills."""
-    mask = shape_mask(image)
-    if mask.sum() < 4:
-        return None
-    ys, xs = np.nonzero(mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box
-    # square ~1.0, circle ~0.79, triangle ~0.5 (blurred at 16 px, hence the wide bands)
-    if fill > 0.86:
-        return "square"
-    return "circle" if fill > 0.64 else "triangle"
-
-
-def aesthetic_measure(image: Image.Image) -> float:
-    """The demo's aesthetic score read back from pixels (same scale as Scene.aesthetic_score)."""
-    mask = shape_mask(image)
-    side = mask.shape[0]
-    grey = np.asarray(image.convert("L")).astype(np.float32)
-    if mask.sum() < 2:
-        return 0.0
-    ys, xs = np.nonzero(mask)
-    radius = np.sqrt(mask.sum() / np.pi) / side
-    size_term = float(np.clip((radius - 0.16) / (0.40 - 0.16), 0, 1))
-    centre = np.hypot(xs.mean() / side + 0.5 / side - 0.5, ys.mean() / side + 0.5 / side - 0.5)
-    centre_term = float(1.0 - min(1.0, centre / 0.32))
-    background = grey[~mask]
-    clean_term = float(np.clip(1.0 - background.std() / 40.0, 0, 1)) if background.size else 1.0
-    return round(10.0 * (0.4 * size_term + 0.4 * centre_term + 0.2 * clean_term), 3)
 
 
 # ----------------------------------------------------------------------------- shards
