@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +32,25 @@ class ConfigError(ValueError):
     """A configuration mistake, with a message meant for the person who typed it."""
 
 
+def register_resolver(name: str, fn: Callable[..., Any]) -> None:
+    """Makes `${name:...}` call `fn` in configs; registering the same name again does nothing."""
+    # omegaconf 2.4 renamed register_new_resolver; keep 2.3 working too.
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    if not OmegaConf.has_resolver(name):
+        register(name, fn)
+
+
 def _project_root() -> str:
     return str(PROJECT_ROOT)
 
 
-def _demo_shards(stage: int, split: str) -> str:
-    """Shard URLs of the demo data set for a stage: parallel text for stage 1, image-text
-    shards for stages 2-3 (generated on first use)."""
-    from datamodules.demo_data import demo_shard_urls
+# ${project_root:} -> where configs/ and assets/ live, so presets work from any cwd.
+register_resolver("project_root", _project_root)
 
-    return demo_shard_urls(int(stage), split)
-
-
-def _register_resolvers() -> None:
-    # omegaconf 2.4 renamed register_new_resolver; keep 2.3 working too.
-    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-    for name, fn in (("project_root", _project_root), ("demo_shards", _demo_shards)):
-        # ${project_root:} -> where configs/ and assets/ live, so presets work from any cwd;
-        # ${demo_shards:${stage},train} -> the demo's shards for that stage, made on first use.
-        if not OmegaConf.has_resolver(name):
-            register(name, fn)
-
-
-_register_resolvers()
+# Resolvers that a package above this one registers when imported (config must not import
+# data code): `resolve` names the package to import when a config uses one unregistered.
+_RESOLVER_OWNERS = {"demo_shards": "datamodules"}
+_RESOLVER_CALL = re.compile(r"\$\{\s*([\w.]+)\s*:")
 
 
 def available_presets(group: str) -> list[str]:
@@ -226,11 +223,38 @@ def load_config(argv: Sequence[str] = (), defaults: dict[str, str] | None = None
 def resolve(cfg: DictConfig) -> DictConfig:
     """Resolve interpolations and check that nothing required (``???``) is left unset."""
     cfg = cfg.copy()
+    _check_resolvers(cfg)
     OmegaConf.resolve(cfg)
     missing = [k for k in _key_paths(cfg) if _node_at(cfg, k) is not None and _node_at(cfg, k)._is_missing()]
     if missing:
         raise ConfigError(f"config key '{missing[0]}' must be set (on the command line: {missing[0]}=...)")
     return cfg
+
+
+def _check_resolvers(cfg: DictConfig) -> None:
+    """Names the key and the package to import when a `${name:...}` has no resolver registered
+    (OmegaConf would only say "Unsupported interpolation type")."""
+    for key, text in _strings(OmegaConf.to_container(cfg, resolve=False)):
+        for name in _RESOLVER_CALL.findall(text):
+            if not OmegaConf.has_resolver(name):
+                owner = _RESOLVER_OWNERS.get(name)
+                raise ConfigError(
+                    f"config key '{key}' uses the resolver '{name}', which is not registered"
+                    + (f": it comes with the {owner} package, so import {owner} before resolving the config"
+                       if owner else "")
+                )
+
+
+def _strings(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, text) of every string in a plain container, inside lists too."""
+    if isinstance(value, dict):
+        for child, item in value.items():
+            yield from _strings(item, f"{key}.{child}" if key else str(child))
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item, key)
+    elif isinstance(value, str):
+        yield key, value
 
 
 def to_plain(cfg: DictConfig | ListConfig | Any) -> Any:

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from train import setup_logging
 
     setup_logging()
-    from datamodules import shard_spec
+    from datamodules import shard_spec  # importing datamodules registers ${demo_shards:...}: before resolve
     from datamodules.sources import parse_sources
     from linguadiff.config import ConfigError, load_config, resolve
 
