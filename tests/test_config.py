@@ -111,3 +111,34 @@ def test_config_resolves_demo_shards_only_once_datamodules_registered_them(tmp_p
     cfg = resolve(load_config([]))
     assert cfg.data.train.urls == str(text / "train-{00000..00011}.tar")
     assert cfg.data.val.urls == str(text / "val-00000.tar")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "run_dir=5",                  # default runs/stage${stage}: an interpolation accepts anything
+        "init_from=runs/stage1",      # default null
+        "model.name=42",              # default ??? (must be set)
+        "trainer.max_steps=${seed}",  # an interpolated value is checked once resolved, not here
+        "diffusion.noise_offset=1",   # an integer is a fine number
+        "llm.dtype=16",               # numbers read fine as text
+        "init_from=null",             # null is allowed anywhere
+    ],
+)
+def test_defaults_that_accept_anything_and_lenient_types(override):
+    load_config([override])
+
+
+def test_wrong_types_under_nested_keys_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config key 'llm.dtype' in the command line must be a string \(default 'float32'\), got True$"):
+        load_config(["llm.dtype=true"])
+    with pytest.raises(ConfigError, match=r"^config key 'data.languages' in the command line must be a mapping, got 5$"):
+        load_config(["data.languages=5"])
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data:\n  train:\n    urls: /x.tar\n  val: [a, b]\n")
+    with pytest.raises(ConfigError, match=r"^config key 'data.val' in data preset nested.yaml must be a mapping, got \['a', 'b'\]$"):
+        load_config([f"data={nested}"])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("stages:\n  2:\n    optim: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"^config key 'optim.lr' in model preset deep.yaml \(stages.2\) must be a number"):
+        load_config(["stage=2", f"model={deep}"])
