@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.skips import FILTER_REASONS
 from datamodules.sources import ShardSource, parse_sources
 from datamodules.streams import Tokenizer
 from datamodules.tar_reading import count_samples
@@ -28,6 +29,7 @@ class ShardDataModule(L.LightningDataModule):
 
     tokenizer_roles: tuple[str, ...] = ()
     source_kind = "shard"
+    filter_reasons = FILTER_REASONS  # skip reasons that are settings, not bad input
 
     def __init__(
         self,

@@ -7,6 +7,11 @@ from collections import Counter
 
 logger = logging.getLogger(__name__)
 
+# Samples left out by a setting (data.min_aesthetic, data.min_size, language weights of 0):
+# counted and plotted with the rest under data/skipped_*, but not bad input, so not warned
+# about and not reported as skipped inputs in the progress log.
+FILTER_REASONS = frozenset({"low_aesthetic", "too_small", "lang_excluded"})
+
 
 class SkipCounter:
     """Counts skipped inputs by reason and logs them, rate-limited.

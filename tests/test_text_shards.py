@@ -309,7 +309,7 @@ def test_consumer_index_is_node_then_worker():
     assert Consumer(rank=1, world_size=2, worker_id=1, num_workers=3).count == 6
 
 
-def test_samples_per_epoch_reaches_the_progress_log_line(tmp_path, caplog):
+def test_the_datamodule_gives_the_progress_log_its_epoch_size_and_filter_reasons(tmp_path, caplog):
     from types import SimpleNamespace
 
     from callbacks.progress import ThroughputLogger
@@ -326,3 +326,14 @@ def test_samples_per_epoch_reaches_the_progress_log_line(tmp_path, caplog):
         ThroughputLogger().on_train_start(trainer, None)
     assert "global batch 6 samples" in caplog.text
     assert "15 training samples: 2.5 steps per epoch" in caplog.text
+
+    # The datamodule also says which skip reasons are settings, not bad input (filter_reasons).
+    module = SimpleNamespace(batch_size_of=lambda batch: 3, log_dict=lambda *args, **kwargs: None,
+                             skipped={"lang_excluded": 5, "bad_encoding": 2})
+    trainer.global_step, trainer.callback_metrics = 50, {}
+    progress = ThroughputLogger(every_n_steps=50)
+    progress.on_train_batch_start(trainer, module, None, 0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="callbacks.progress"):
+        progress.on_train_batch_end(trainer, module, None, None, 0)
+    assert "skipped inputs 2 (data/skipped_*" in caplog.text
