@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from datamodules import build_datamodule  # importing datamodules registers ${demo_shards:...}: before resolve
 from linguadiff.config import ConfigError, load_config, resolve
 
 
@@ -47,7 +48,6 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
     import lightning as L
 
     from callbacks import build_callbacks
-    from datamodules import build_datamodule
     from lightning_modules import stage_class
     from linguadiff.run import RunDir, build_trainer
 

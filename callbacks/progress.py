@@ -8,10 +8,6 @@ import lightning as L
 
 log = logging.getLogger(__name__)
 
-# Samples left out by a setting (data.min_aesthetic, data.min_size, language weights of 0):
-# plotted with the rest under data/skipped_*, but not reported as bad input.
-FILTER_REASONS = frozenset({"low_aesthetic", "too_small", "lang_excluded"})
-
 
 class ThroughputLogger(L.Callback):
     """Samples/s, the share of time spent waiting for data, and an ETA every `every_n_steps`.
@@ -72,7 +68,9 @@ class ThroughputLogger(L.Callback):
         remaining = max(0, trainer.max_steps - step)
         steps_per_sec = self.every_n_steps / elapsed if step >= self.every_n_steps else step / elapsed
         loss = trainer.callback_metrics.get("train/loss")
-        skipped = sum(n for reason, n in getattr(pl_module, "skipped", {}).items() if reason not in FILTER_REASONS)
+        # Samples a setting left out (the datamodule's `filter_reasons`) are not bad input.
+        filters = getattr(trainer.datamodule, "filter_reasons", frozenset())
+        skipped = sum(n for reason, n in getattr(pl_module, "skipped", {}).items() if reason not in filters)
         if trainer.is_global_zero:
             log.info(
                 "step %d/%d | loss %s | %.1f %s/s | data wait %.0f%% | ETA %s%s",
@@ -98,12 +96,11 @@ def run_summary(trainer, pl_module, unit: str) -> str:
     line = (f"global batch {global_batch} {unit} = {per_device} per device x {trainer.num_devices} devices x "
             f"{trainer.num_nodes} nodes x {accumulate} accumulated; {type(trainer.strategy).__name__}, "
             f"precision {trainer.precision}; from step {trainer.global_step} to {trainer.max_steps}")
-    from datamodules.shards import count_samples
-
-    sources = getattr(trainer.datamodule, "train_sources", None) or []
-    counts = [count_samples(source.urls) for source in sources]
-    if global_batch and counts and all(c is not None for c in counts):
-        samples = sum(counts)
+    # Duck-typed, so this callback need not import its sibling datamodules/: any datamodule
+    # with `samples_per_epoch()` (the shard datamodules have it) gives steps per epoch.
+    samples_per_epoch = getattr(trainer.datamodule, "samples_per_epoch", None)
+    samples = samples_per_epoch() if callable(samples_per_epoch) else None
+    if global_batch and samples is not None:
         line += f"; {samples} training samples: {samples / global_batch:.1f} steps per epoch"
     else:
         line += "; steps per epoch unknown (streamed shards without img2dataset *_stats.json)"

@@ -1,11 +1,32 @@
-"""Data for each stage: WebDataset-layout tar shards streamed into batches."""
+"""Data for each stage: WebDataset-layout tar shards streamed into batches.
+
+One idea per file, lowest first: `sources` (shard URLs, weighted sources, language codes),
+`skips` (skipped inputs, counted and warned about), `tar_reading` (shards -> raw samples),
+`streams` (which consumer reads what, and the combinators down to worker-made batches),
+`datamodule` (the LightningDataModule base); then what a sample means: `text_shards`
+(stage 1), `image_shards` and `cached` (stages 2-3), and the demo data set (`demo_data`).
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from omegaconf import DictConfig
 
-from linguadiff.config import ConfigError
+from linguadiff.config import ConfigError, register_resolver
+
+
+def _demo_shards(stage: int, split: str) -> str:
+    """Shard URLs of the demo data set for a stage: parallel text for stage 1, image-text
+    shards for stages 2-3 (generated on first use)."""
+    from datamodules.demo_data import demo_shard_urls
+
+    return demo_shard_urls(int(stage), split)
+
+
+# ${demo_shards:${stage},train} -> the demo's shards for that stage (configs/data/demo.yaml).
+# Registered here, on import, because config must not import data code: an entry point that
+# resolves a config imports datamodules first (linguadiff.config.resolve says so otherwise).
+register_resolver("demo_shards", _demo_shards)
 
 
 def shard_spec(split: DictConfig | None) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from datamodules.shards import is_language_code
+from datamodules.sources import is_language_code
 
 EXAMPLES_SHOWN = 5
 TSV_SUFFIXES = (".tsv", ".tab")

@@ -18,6 +18,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ POSITIONS = ("centre", "top left", "top right", "bottom left", "bottom right")
 BACKGROUNDS = ("white", "black", "grey", "noisy")
 
 # Saturated, clearly separated hues; backgrounds are all grey shades, so the shape is the
-# only saturated thing in an image and its colour can be read back by `dominant_colour`.
+# only saturated thing in an image and its colour can be read back
+# (`evaluation.demo_readback.dominant_colour`).
 RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40)}
 BACKGROUND_LEVEL = {"white": 240, "black": 15, "grey": 128, "noisy": 128}
 # Radius as a fraction of the image side, per size word.
@@ -118,187 +120,21 @@ def render(scene: Scene, size: int, rng: random.Random, supersample: int = 4) ->
 
 
 # ----------------------------------------------------------------------------- captions
-# Each language: colour/shape words (with the grammatical forms its templates need), core
-# templates, details (size, position, background) and long-caption sentences. Templates use
-# str.format fields; a core template that already says a detail lists it in its key set.
-
-_EN = {
-    "colour": {c: c for c in COLOURS},
-    "shape": {"circle": ["circle", "circle", "round circle", "disc"], "square": ["square", "square", "box"],
-              "triangle": ["triangle"]},
-    "size": {"small": ["small", "little", "tiny"], "medium": ["medium-sized", ""], "large": ["large", "big"]},
-    "core": [
-        "a {c} {s}", "a {c} {s}", "{c} {s}", "one {c} {s}", "a single {c} {s}", "the {c} {s}",
-        "a {s} that is {c}", "a {c} coloured {s}", "a {c}-colored {s}", "a {z} {c} {s}", "one {z} {c} {s}",
-    ],
-    "sentence": ["{s}, {c}", "the {s} is {c}", "there is a {c} {s}", "{c} {s}, {z}", "the colour of the {s} is {c}"],
-    "prefix": ["a picture of ", "an image of ", "a drawing of ", "an illustration of ", "a photo of ",
-               "draw ", "please draw ", "show me ", "generate ", "a simple icon of ", "clip art of "],
-    "position": {"centre": ["in the centre", "in the middle", "centered"], "top left": ["in the top left corner", "at the top left"],
-                 "top right": ["in the top right corner", "at the top right"], "bottom left": ["in the bottom left corner", "at the bottom left"],
-                 "bottom right": ["in the bottom right corner", "at the bottom right"]},
-    "background": {"white": ["on a white background", "on white"], "black": ["on a black background", "on black"],
-                   "grey": ["on a grey background", "on a gray background"], "noisy": ["on a noisy background", "on a cluttered background"]},
-    "joiner": [" ", ", "],
-    "long": [
-        "This is a simple flat drawing with one {c} {s} and nothing else in the frame.",
-        "The {s} is filled with a uniform {c} colour and has clean, sharp edges.",
-        "The shape is {z} and sits {p}, and the composition is minimal.",
-        "The background is {b_plain}, so the {c} {s} stands out clearly.",
-        "There is no text, no shadow, no gradient and no other object anywhere in the picture.",
-        "The style is that of a children's book illustration, simple, geometric and friendly.",
-        "Every pixel of the {s} has the same {c} tone, and the outline is not drawn separately.",
-    ],
-    "bg_plain": {"white": "white", "black": "black", "grey": "grey", "noisy": "noisy and cluttered"},
-}
-
-_ZH = {
-    "colour": {"red": ["红色", "红"], "green": ["绿色", "绿"], "blue": ["蓝色", "蓝"], "yellow": ["黄色", "黄"]},
-    "shape": {"circle": ["圆形", "圆", "圆圈"], "square": ["正方形", "方形", "方块"], "triangle": ["三角形"]},
-    "size": {"small": ["小"], "medium": ["中等大小的", ""], "large": ["大"]},
-    "core": [
-        "一个{c}的{s}", "一个{c}的{s}", "{c}{s}", "{c}的{s}", "一个{c}{s}", "{z}{c}{s}", "一个{z}的{c}{s}",
-        "一个颜色是{c}的{s}",
-    ],
-    "sentence": ["这是一个{c}的{s}", "{s}是{c}的", "有一个{c}的{s}", "{s}，{c}", "画一个{c}的{s}", "请画一个{c}{s}"],
-    "prefix": ["一张图片：", "图片：", "请画：", "插图：", "一幅画：", "画："],
-    "position": {"centre": ["在中间", "位于中央", "居中"], "top left": ["在左上角"], "top right": ["在右上角"],
-                 "bottom left": ["在左下角"], "bottom right": ["在右下角"]},
-    "background": {"white": ["白色背景", "在白色背景上"], "black": ["黑色背景", "在黑色背景上"],
-                   "grey": ["灰色背景", "在灰色背景上"], "noisy": ["杂乱的背景", "在嘈杂的背景上"]},
-    "joiner": ["，", "，", " "],
-    "long": [
-        "这是一幅简单的平面图画，画面里只有一个{c}的{s}，没有别的东西。",
-        "这个{s}被均匀地涂成{c}，边缘清晰锐利。",
-        "图形的大小是{z}，位置{p}，构图非常简洁。",
-        "背景是{b_plain}，所以{c}的{s}非常醒目。",
-        "画面中没有文字、没有阴影、没有渐变，也没有任何其他物体。",
-        "风格像儿童绘本里的插图，简单、几何、友好。",
-        "这个{s}的每一个像素都是同样的{c}，轮廓没有单独描边。",
-    ],
-    "bg_plain": {"white": "白色", "black": "黑色", "grey": "灰色", "noisy": "杂乱的"},
-}
-
-_FR = {
-    "colour": {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune"},
-    "shape": {"circle": ["cercle", "rond", "disque"], "square": ["carré"], "triangle": ["triangle"]},
-    "size": {"small": ["petit"], "medium": ["moyen"], "large": ["grand", "gros"]},
-    "core": [
-        "un {s} {c}", "un {s} {c}", "{s} {c}", "le {s} {c}", "un seul {s} {c}", "un {z} {s} {c}",
-        "un {s} de couleur {c}", "un {s} qui est {c}", "un {s} tout {c}",
-    ],
-    "sentence": ["le {s} est {c}", "il y a un {s} {c}", "{s}, {c}", "une image d'un {s} {c}", "un dessin d'un {s} {c}",
-                 "une photo d'un {s} {c}"],
-    "prefix": ["image : ", "dessin : ", "illustration : ", "dessine ", "dessine-moi ", "s'il te plaît, dessine ",
-               "montre-moi ", "génère "],
-    "position": {"centre": ["au centre", "au milieu"], "top left": ["en haut à gauche"], "top right": ["en haut à droite"],
-                 "bottom left": ["en bas à gauche"], "bottom right": ["en bas à droite"]},
-    "background": {"white": ["sur fond blanc"], "black": ["sur fond noir"], "grey": ["sur fond gris"],
-                   "noisy": ["sur un fond bruité", "sur un fond encombré"]},
-    "joiner": [" ", ", "],
-    "long": [
-        "C'est un dessin plat et simple avec un seul {s} {c} et rien d'autre dans le cadre.",
-        "Le {s} est rempli d'un {c} uniforme et ses bords sont nets et précis.",
-        "La forme est de taille {z_plain} et se trouve {p}, et la composition est minimale.",
-        "Le fond est {b_plain}, si bien que le {s} {c} ressort clairement.",
-        "Il n'y a ni texte, ni ombre, ni dégradé, ni aucun autre objet dans l'image.",
-        "Le style est celui d'une illustration de livre pour enfants, simple, géométrique et sympathique.",
-        "Chaque pixel du {s} a la même teinte {c}, et le contour n'est pas tracé à part.",
-    ],
-    "bg_plain": {"white": "blanc", "black": "noir", "grey": "gris", "noisy": "bruité et encombré"},
-    "z_plain": {"small": "petite", "medium": "moyenne", "large": "grande"},
-}
-
-# German adjectives decline; the grammatical gender of each noun picks the ending.
-_DE_GENDER = {"Kreis": "m", "Quadrat": "n", "Dreieck": "n", "Viereck": "n", "Kugel": "f"}
-_DE = {
-    "colour": {"red": "rot", "green": "grün", "blue": "blau", "yellow": "gelb"},
-    "shape": {"circle": ["Kreis", "Kreis"], "square": ["Quadrat", "Viereck"], "triangle": ["Dreieck"]},
-    "size": {"small": ["klein"], "medium": ["mittelgroß"], "large": ["groß"]},
-    "core": [
-        "ein {c_nom} {s}", "ein {c_nom} {s}", "{c_nom} {s}", "{art_nom} {c_def} {s}", "ein {z_nom} {c_nom} {s}",
-        "ein {s} in {C}", "ein einzelne{r_nom} {c_nom} {s}",
-    ],
-    "sentence": ["{art_nom} {s} ist {c}", "{s}, {c}", "es gibt ein{e_acc} {c_acc} {s}", "ein Bild von einem {c_dat} {s}",
-                 "zeichne ein{e_acc} {c_acc} {s}", "bitte ein{e_acc} {c_acc} {s} zeichnen"],
-    "prefix": ["Bild: ", "Zeichnung: ", "Illustration: ", "Foto: ", "Hier ist ", "Zu sehen ist "],
-    "position": {"centre": ["in der Mitte", "zentriert"], "top left": ["oben links"], "top right": ["oben rechts"],
-                 "bottom left": ["unten links"], "bottom right": ["unten rechts"]},
-    "background": {"white": ["auf weißem Hintergrund"], "black": ["auf schwarzem Hintergrund"],
-                   "grey": ["auf grauem Hintergrund"], "noisy": ["auf unruhigem Hintergrund"]},
-    "joiner": [" ", ", "],
-    "long": [
-        "Das ist eine einfache flache Zeichnung mit nur einem {c_dat} {s} und sonst nichts im Bild.",
-        "{Art_nom} {s} ist gleichmäßig {c} gefüllt und hat klare, scharfe Kanten.",
-        "Die Form ist {z} und befindet sich {p}, die Komposition ist minimal.",
-        "Der Hintergrund ist {b_plain}, deshalb hebt sich {art_nom} {c_def} {s} deutlich ab.",
-        "Es gibt keinen Text, keinen Schatten, keinen Verlauf und kein anderes Objekt im Bild.",
-        "Der Stil erinnert an eine Illustration aus einem Kinderbuch, einfach, geometrisch und freundlich.",
-        "Jedes Pixel {art_gen} {s}s hat denselben {C}ton, und der Umriss ist nicht extra gezeichnet.",
-    ],
-    "bg_plain": {"white": "weiß", "black": "schwarz", "grey": "grau", "noisy": "unruhig"},
-}
-
-_ES = {
-    "colour": {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo"},
-    "shape": {"circle": ["círculo", "círculo", "disco"], "square": ["cuadrado"], "triangle": ["triángulo"]},
-    "size": {"small": ["pequeño"], "medium": ["mediano"], "large": ["grande"]},
-    "core": [
-        "un {s} {c}", "un {s} {c}", "{s} {c}", "el {s} {c}", "un solo {s} {c}", "un {s} {c} {z}",
-        "un {s} de color {c}", "un {s} que es {c}",
-    ],
-    "sentence": ["el {s} es {c}", "hay un {s} {c}", "{s}, {c}", "el color del {s} es {c}"],
-    "prefix": ["una imagen de ", "un dibujo de ", "una foto de ", "una ilustración de ", "dibuja ",
-               "por favor, dibuja ", "muéstrame ", "genera "],
-    "position": {"centre": ["en el centro", "en el medio"], "top left": ["arriba a la izquierda"],
-                 "top right": ["arriba a la derecha"], "bottom left": ["abajo a la izquierda"],
-                 "bottom right": ["abajo a la derecha"]},
-    "background": {"white": ["sobre fondo blanco"], "black": ["sobre fondo negro"], "grey": ["sobre fondo gris"],
-                   "noisy": ["sobre un fondo ruidoso", "sobre un fondo recargado"]},
-    "joiner": [" ", ", "],
-    "long": [
-        "Es un dibujo plano y sencillo con un solo {s} {c} y nada más en el encuadre.",
-        "El {s} está relleno de un {c} uniforme y tiene bordes limpios y nítidos.",
-        "La figura es {z_plain} y está {p}, y la composición es mínima.",
-        "El fondo es {b_plain}, así que el {s} {c} destaca con claridad.",
-        "No hay texto, ni sombra, ni degradado, ni ningún otro objeto en la imagen.",
-        "El estilo es el de una ilustración de un libro infantil, simple, geométrico y amable.",
-        "Cada píxel del {s} tiene el mismo tono {c}, y el contorno no está dibujado aparte.",
-    ],
-    "bg_plain": {"white": "blanco", "black": "negro", "grey": "gris", "noisy": "ruidoso y recargado"},
-    "z_plain": {"small": "pequeña", "medium": "mediana", "large": "grande"},
-}
-
-_JA = {
-    # adjective form (赤い円) and noun form (赤色の円)
-    "colour": {"red": ["赤い", "赤色の"], "green": ["緑の", "緑色の"], "blue": ["青い", "青色の"], "yellow": ["黄色い", "黄色の"]},
-    "colour_noun": {"red": "赤", "green": "緑", "blue": "青", "yellow": "黄色"},
-    "shape": {"circle": ["円", "丸", "円形"], "square": ["正方形", "四角形", "四角"], "triangle": ["三角形", "三角"]},
-    "size": {"small": ["小さい", "小さな"], "medium": ["中くらいの"], "large": ["大きい", "大きな"]},
-    "core": [
-        "{c}{s}", "{c}{s}", "一つの{c}{s}", "{z}{c}{s}", "{C}の{s}", "色が{C}の{s}",
-    ],
-    "sentence": ["{s}は{C}です", "{c}{s}があります", "{s}、{C}", "{c}{s}が一つ", "{c}{s}を描いて", "{c}{s}の絵"],
-    "prefix": ["絵：", "イラスト：", "画像：", "写真：", "描いて：", "次を描いてください："],
-    "position": {"centre": ["中央に", "真ん中に"], "top left": ["左上に"], "top right": ["右上に"],
-                 "bottom left": ["左下に"], "bottom right": ["右下に"]},
-    "background": {"white": ["白い背景", "白い背景の上"], "black": ["黒い背景", "黒い背景の上"],
-                   "grey": ["灰色の背景", "グレーの背景"], "noisy": ["ごちゃごちゃした背景", "ノイズのある背景"]},
-    "joiner": ["、", " ", "、"],
-    "long": [
-        "これはシンプルな平面の絵で、画面には{c}{s}が一つだけあり、ほかには何もありません。",
-        "その{s}は均一な{C}で塗られていて、輪郭はくっきりとしています。",
-        "図形の大きさは{z_plain}で、{p}あり、構図はとても簡潔です。",
-        "背景は{b_plain}なので、{c}{s}がはっきりと目立ちます。",
-        "文字も影もグラデーションもなく、ほかの物体も一切ありません。",
-        "子ども向けの絵本の挿絵のような、シンプルで幾何学的でやさしいスタイルです。",
-        "{s}のすべての画素が同じ{C}で、輪郭線は別に描かれていません。",
-    ],
-    "bg_plain": {"white": "白", "black": "黒", "grey": "灰色", "noisy": "ごちゃごちゃ"},
-    "z_plain": {"small": "小さめ", "medium": "中くらい", "large": "大きめ"},
-}
-
-LEXICON = {"en": _EN, "zh": _ZH, "fr": _FR, "de": _DE, "es": _ES, "ja": _JA}
+# The phrase tables are data, in demo_phrases.json. `lexicon`, per language: colour, shape and
+# size words (a list is a set of synonyms drawn at random, its first entry the plain word
+# used by `plain_prompts`), core templates, sentences, prefixes, details (position,
+# background), joiners and long-caption sentences: str.format templates over the fields of
+# `_fields`. Japanese colours come as adjectives (赤い円) and as nouns (`colour_noun`: 赤色の円).
+# `de_gender`: German adjectives decline, and each noun's grammatical gender picks the ending.
+# `plain_prompts`: the phrasings a user would type, the demo's evaluation prompts.
+# Editing a phrase changes the generated data: bump DATA_VERSION with it.
+_PHRASES = json.loads(resources.files("datamodules").joinpath("demo_phrases.json").read_text(encoding="utf-8"))
+LEXICON: dict[str, dict] = _PHRASES["lexicon"]
+PLAIN_PROMPTS: dict[str, list[str]] = _PHRASES["plain_prompts"]
+_DE_GENDER: dict[str, str] = _PHRASES["de_gender"]
+_missing = [lang for lang in LANGUAGES if lang not in LEXICON or lang not in PLAIN_PROMPTS]
+if _missing:
+    raise ValueError(f"demo_phrases.json has no phrases for the demo language(s) {_missing}")
 
 
 def _pick(rng: random.Random, options):
@@ -381,17 +217,6 @@ def parallel_captions(scene: Scene, rng: random.Random) -> dict[str, str]:
     return {lang: caption(lang, scene, rng, details, long) for lang in LANGUAGES}
 
 
-# Plain phrasings a user would type, per language: the demo's evaluation prompts.
-PLAIN_PROMPTS = {
-    "en": ["a {colour} {shape}", "{colour} {shape}"],
-    "zh": ["一个{colour}的{shape}", "{colour}{shape}"],
-    "fr": ["un {shape} {colour}", "{shape} {colour}"],
-    "de": ["ein {colour_nom} {shape}", "{colour_nom} {shape}"],
-    "es": ["un {shape} {colour}", "{shape} {colour}"],
-    "ja": ["{colour}{shape}", "{colour}{shape}の絵"],
-}
-
-
 def plain_prompts(lang: str) -> list[tuple[str, str, str]]:
     """(prompt, colour, shape) for every colour x shape x plain template of `lang`."""
     lex = LEXICON[lang]
@@ -407,61 +232,6 @@ def plain_prompts(lang: str) -> list[tuple[str, str, str]]:
             for template in PLAIN_PROMPTS[lang]:
                 out.append((template.format(**fields), colour, shape))
     return out
-
-
-# ----------------------------------------------------------------------------- reading images back
-
-
-def dominant_colour(image: Image.Image | np.ndarray, min_saturation: int = 60) -> str | None:
-    """The demo colour most pixels are closest to, among saturated pixels (None: nothing drawn)."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).reshape(-1, 3).astype(np.float32)
-    saturated = rgb.max(1) - rgb.min(1) >= min_saturation
-    if saturated.sum() < 2:
-        return None
-    px = rgb[saturated]
-    palette = np.array([RGB[c] for c in COLOURS], np.float32)
-    # Compare chromaticity (colour direction), not brightness.
-    px_c = px - px.mean(1, keepdims=True)
-    pal_c = palette - palette.mean(1, keepdims=True)
-    sim = (px_c / (np.linalg.norm(px_c, axis=1, keepdims=True) + 1e-6)) @ (pal_c / np.linalg.norm(pal_c, axis=1, keepdims=True)).T
-    votes = np.bincount(sim.argmax(1), minlength=len(COLOURS))
-    return COLOURS[int(votes.argmax())]
-
-
-def shape_mask(image: Image.Image, min_saturation: int = 60) -> np.ndarray:
-    rgb = np.asarray(image.convert("RGB")).astype(np.int16)
-    return (rgb.max(2) - rgb.min(2)) >= min_saturation
-
-
-def classify_shape(image: Image.Image) -> str | None:
-    """Circle, square or triangle from how much of its bounding box the shape fills."""
-    mask = shape_mask(image)
-    if mask.sum() < 4:
-        return None
-    ys, xs = np.nonzero(mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box
-    # square ~1.0, circle ~0.79, triangle ~0.5 (blurred at 16 px, hence the wide bands)
-    if fill > 0.86:
-        return "square"
-    return "circle" if fill > 0.64 else "triangle"
-
-
-def aesthetic_measure(image: Image.Image) -> float:
-    """The demo's aesthetic score read back from pixels (same scale as Scene.aesthetic_score)."""
-    mask = shape_mask(image)
-    side = mask.shape[0]
-    grey = np.asarray(image.convert("L")).astype(np.float32)
-    if mask.sum() < 2:
-        return 0.0
-    ys, xs = np.nonzero(mask)
-    radius = np.sqrt(mask.sum() / np.pi) / side
-    size_term = float(np.clip((radius - 0.16) / (0.40 - 0.16), 0, 1))
-    centre = np.hypot(xs.mean() / side + 0.5 / side - 0.5, ys.mean() / side + 0.5 / side - 0.5)
-    centre_term = float(1.0 - min(1.0, centre / 0.32))
-    background = grey[~mask]
-    clean_term = float(np.clip(1.0 - background.std() / 40.0, 0, 1)) if background.size else 1.0
-    return round(10.0 * (0.4 * size_term + 0.4 * centre_term + 0.2 * clean_term), 3)
 
 
 # ----------------------------------------------------------------------------- shards

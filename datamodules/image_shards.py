@@ -23,7 +23,7 @@ under the first reason found:
 `missing_image`, `empty_image`, `bad_image` (corrupt, truncated, unsupported),
 `decompression_bomb`, `missing_caption`, `empty_caption`, `bad_encoding`, `bad_json`,
 `no_aesthetic` (a threshold is set but the json has no score), plus the shard-level reasons
-of `datamodules.shards`. Filters are configuration, not bad data, so `too_small`,
+of `datamodules.tar_reading`. Filters are configuration, not bad data, so `too_small`,
 `low_aesthetic` and `lang_excluded` are counted without a warning.
 
 Batch (a dict built inside the DataLoader worker): `image` float [B, 3, R, R], `caption`,
@@ -72,17 +72,16 @@ from datamodules.cached import (
     pad_states,
     read_llm_npz,
 )
-from datamodules.shards import (
+from datamodules.datamodule import ShardDataModule
+from datamodules.skips import SkipCounter
+from datamodules.sources import ShardSource, parse_language_weights
+from datamodules.streams import (
     Consumer,
-    ShardDataModule,
-    ShardSource,
     ShardStream,
-    SkipCounter,
     Tokenizer,
     batches_with_skips,
     iter_consumer_samples,
     mix_streams,
-    parse_language_weights,
     shuffled,
 )
 

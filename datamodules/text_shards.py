@@ -25,18 +25,16 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
-from datamodules.shards import (
+from datamodules.datamodule import ShardDataModule
+from datamodules.skips import SkipCounter
+from datamodules.sources import ShardSource, is_language_code, parse_language_weights
+from datamodules.streams import (
     Consumer,
-    ShardDataModule,
-    ShardSource,
     ShardStream,
-    SkipCounter,
     Tokenizer,
     batches_with_skips,
-    is_language_code,
     iter_consumer_samples,
     mix_streams,
-    parse_language_weights,
     shuffled,
 )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from datamodules import demo_data
+from evaluation.demo_readback import aesthetic_measure, classify_shape, dominant_colour
 from linguadiff.cli import parse_args
 from linguadiff.config import PROJECT_ROOT, ConfigError
 
@@ -35,9 +36,9 @@ def colour_accuracy(generator, languages=demo_data.LANGUAGES, per_prompt: int = 
 def score_demo_images(labels: list[tuple[str, str]], drawn: list[tuple[int, int, Image.Image]]) -> dict:
     """Read the drawn (prompt index, image index, image) back against each prompt's (colour, shape):
     colour and shape accuracy and the mean aesthetic measure (evaluate.py scores its images here too)."""
-    colour = sum(demo_data.dominant_colour(im) == labels[i][0] for i, _, im in drawn)
-    shape = sum(demo_data.classify_shape(im) == labels[i][1] for i, _, im in drawn)
-    aesthetic = sum(demo_data.aesthetic_measure(im) for _, _, im in drawn) / len(drawn)
+    colour = sum(dominant_colour(im) == labels[i][0] for i, _, im in drawn)
+    shape = sum(classify_shape(im) == labels[i][1] for i, _, im in drawn)
+    aesthetic = sum(aesthetic_measure(im) for _, _, im in drawn) / len(drawn)
     return {"colour": colour / len(drawn), "shape": shape / len(drawn), "aesthetic": round(aesthetic, 3), "images": len(drawn)}
 
 

@@ -25,7 +25,9 @@ from datamodules.image_shards import (
     open_image,
     square_crop,
 )
-from datamodules.shards import SkipCounter, batched, parse_sources
+from datamodules.skips import SkipCounter
+from datamodules.sources import parse_sources
+from datamodules.streams import batched
 from linguadiff.config import ConfigError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from datamodules.shards import parse_sources
+from datamodules.sources import parse_sources
 from datamodules.text_shards import TextPairStream
 from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 from linguadiff.config import ConfigError

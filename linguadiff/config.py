@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -31,29 +32,25 @@ class ConfigError(ValueError):
     """A configuration mistake, with a message meant for the person who typed it."""
 
 
+def register_resolver(name: str, fn: Callable[..., Any]) -> None:
+    """Makes `${name:...}` call `fn` in configs; registering the same name again does nothing."""
+    # omegaconf 2.4 renamed register_new_resolver; keep 2.3 working too.
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    if not OmegaConf.has_resolver(name):
+        register(name, fn)
+
+
 def _project_root() -> str:
     return str(PROJECT_ROOT)
 
 
-def _demo_shards(stage: int, split: str) -> str:
-    """Shard URLs of the demo data set for a stage: parallel text for stage 1, image-text
-    shards for stages 2-3 (generated on first use)."""
-    from datamodules.demo_data import demo_shard_urls
+# ${project_root:} -> where configs/ and assets/ live, so presets work from any cwd.
+register_resolver("project_root", _project_root)
 
-    return demo_shard_urls(int(stage), split)
-
-
-def _register_resolvers() -> None:
-    # omegaconf 2.4 renamed register_new_resolver; keep 2.3 working too.
-    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-    for name, fn in (("project_root", _project_root), ("demo_shards", _demo_shards)):
-        # ${project_root:} -> where configs/ and assets/ live, so presets work from any cwd;
-        # ${demo_shards:${stage},train} -> the demo's shards for that stage, made on first use.
-        if not OmegaConf.has_resolver(name):
-            register(name, fn)
-
-
-_register_resolvers()
+# Resolvers that a package above this one registers when imported (config must not import
+# data code): `resolve` names the package to import when a config uses one unregistered.
+_RESOLVER_OWNERS = {"demo_shards": "datamodules"}
+_RESOLVER_CALL = re.compile(r"\$\{\s*([\w.]+)\s*:")
 
 
 def available_presets(group: str) -> list[str]:
@@ -68,24 +65,33 @@ def _closest(key: str, known: Sequence[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _key_paths(cfg: DictConfig, prefix: str = "") -> list[str]:
+def _tree(cfg: DictConfig) -> dict:
+    """The config as plain dicts and lists, interpolations unresolved: `${...}` strings stay,
+    a required value stays MISSING ("???"), null is None."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value  # OmegaConf's own test, escaped ones too
+
+
+def _key_paths(tree: dict, prefix: str = "") -> list[str]:
     """Dotted paths of every key, interior nodes and leaves alike."""
     keys = []
-    for key in cfg.keys():
+    for key, value in tree.items():
         path = f"{prefix}{key}"
         keys.append(path)
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
-            keys.extend(_key_paths(node, path + "."))
+        if isinstance(value, dict):
+            keys.extend(_key_paths(value, path + "."))
     return keys
 
 
-def _open_maps(schema: DictConfig) -> set[str]:
+def _open_maps(schema: dict) -> set[str]:
     """Dicts whose keys are free-form (language weights and the like): marked `{}` in base.yaml."""
-    return {k for k in _key_paths(schema) if isinstance(node := _node_at(schema, k), DictConfig) and len(node) == 0}
+    return {k for k in _key_paths(schema) if isinstance(node := _node_at(schema, k), dict) and not node}
 
 
-def _check_keys(layer: DictConfig, schema: DictConfig, source: str) -> None:
+def _check_keys(layer: dict, schema: dict, source: str) -> None:
     known = _key_paths(schema)
     known_set, open_maps = set(known), _open_maps(schema)
     for key in _key_paths(layer):
@@ -100,20 +106,19 @@ def _check_keys(layer: DictConfig, schema: DictConfig, source: str) -> None:
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 
 
-def _check_types(layer: DictConfig, schema: DictConfig, source: str) -> None:
+def _check_types(layer: dict, schema: dict, source: str) -> None:
     """A value must have the type of its default; null, ??? and ${...} defaults accept anything."""
     for key in _key_paths(layer):
         default, value = _node_at(schema, key), _node_at(layer, key)
-        if default is None or value is None:
+        # None: null, or a key the schema lacks (free-form, or reported by _check_keys).
+        if any(n is None or n == MISSING or _is_interpolation(n) for n in (default, value)):
             continue
-        if any(n._is_none() or n._is_missing() or n._is_interpolation() for n in (default, value)):
-            continue
-        if isinstance(default, (DictConfig, ListConfig)) or isinstance(value, (DictConfig, ListConfig)):
+        if isinstance(default, (dict, list)) or isinstance(value, (dict, list)):
             if type(default) is not type(value):
-                want = "a mapping" if isinstance(default, DictConfig) else "a list" if isinstance(default, ListConfig) else _TYPE_NAMES.get(type(default._value()), "a value")
-                raise ConfigError(f"config key '{key}' in {source} must be {want}, got {OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value._value()!r}")
+                want = "a mapping" if isinstance(default, dict) else "a list" if isinstance(default, list) else _TYPE_NAMES.get(type(default), "a value")
+                raise ConfigError(f"config key '{key}' in {source} must be {want}, got {value!r}")
             continue
-        expected, got = default._value(), value._value()
+        expected, got = default, value
         if isinstance(expected, bool):
             ok = isinstance(got, bool)
         elif isinstance(expected, int):
@@ -131,13 +136,13 @@ def _check_types(layer: DictConfig, schema: DictConfig, source: str) -> None:
             )
 
 
-def _node_at(cfg: DictConfig, dotted: str):
-    """The raw node at a dotted path (interpolations unresolved), or None."""
-    node = cfg
+def _node_at(tree: dict, dotted: str) -> Any:
+    """The value at a dotted path of a plain tree (interpolations unresolved), or None."""
+    node = tree
     for part in dotted.split("."):
-        if not isinstance(node, DictConfig) or node._is_none() or node._is_missing() or part not in node.keys():
+        if not isinstance(node, dict) or part not in node:
             return None
-        node = node._get_node(part)
+        node = node[part]
     return node
 
 
@@ -214,10 +219,11 @@ def load_config(argv: Sequence[str] = (), defaults: dict[str, str] | None = None
     layers.extend(per_stage)
     layers.append((override_cfg, "the command line"))
 
-    cfg = schema
+    cfg, schema_tree = schema, _tree(schema)
     for layer, source in layers:
-        _check_keys(layer, schema, source)
-        _check_types(layer, schema, source)
+        layer_tree = _tree(layer)
+        _check_keys(layer_tree, schema_tree, source)
+        _check_types(layer_tree, schema_tree, source)
         cfg = OmegaConf.merge(cfg, layer)
     cfg.presets = {g: choices.get(g) for g in PRESET_GROUPS}
     return cfg
@@ -226,11 +232,39 @@ def load_config(argv: Sequence[str] = (), defaults: dict[str, str] | None = None
 def resolve(cfg: DictConfig) -> DictConfig:
     """Resolve interpolations and check that nothing required (``???``) is left unset."""
     cfg = cfg.copy()
+    _check_resolvers(cfg)
     OmegaConf.resolve(cfg)
-    missing = [k for k in _key_paths(cfg) if _node_at(cfg, k) is not None and _node_at(cfg, k)._is_missing()]
+    tree = _tree(cfg)
+    missing = [k for k in _key_paths(tree) if _node_at(tree, k) == MISSING]
     if missing:
         raise ConfigError(f"config key '{missing[0]}' must be set (on the command line: {missing[0]}=...)")
     return cfg
+
+
+def _check_resolvers(cfg: DictConfig) -> None:
+    """Names the key and the package to import when a `${name:...}` has no resolver registered
+    (OmegaConf would only say "Unsupported interpolation type")."""
+    for key, text in _strings(_tree(cfg)):
+        for name in _RESOLVER_CALL.findall(text):
+            if not OmegaConf.has_resolver(name):
+                owner = _RESOLVER_OWNERS.get(name)
+                raise ConfigError(
+                    f"config key '{key}' uses the resolver '{name}', which is not registered"
+                    + (f": it comes with the {owner} package, so import {owner} before resolving the config"
+                       if owner else "")
+                )
+
+
+def _strings(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, text) of every string in a plain container, inside lists too."""
+    if isinstance(value, dict):
+        for child, item in value.items():
+            yield from _strings(item, f"{key}.{child}" if key else str(child))
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item, key)
+    elif isinstance(value, str):
+        yield key, value
 
 
 def to_plain(cfg: DictConfig | ListConfig | Any) -> Any:

@@ -146,7 +146,8 @@ def cache_shard(writer: FeatureWriter, url: str, out_path: Path, batch_size: int
     import webdataset as wds
 
     from datamodules.image_shards import BadSample, is_image_text_member
-    from datamodules.shards import SkipCounter, iter_tar_samples
+    from datamodules.skips import SkipCounter
+    from datamodules.tar_reading import iter_tar_samples
 
     skips = SkipCounter()
     tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from train import setup_logging
 
     setup_logging()
-    from datamodules import shard_spec
-    from datamodules.shards import parse_sources
+    from datamodules import shard_spec  # importing datamodules registers ${demo_shards:...}: before resolve
+    from datamodules.sources import parse_sources
     from linguadiff.config import ConfigError, load_config, resolve
 
     try:

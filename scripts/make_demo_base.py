@@ -31,6 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules import demo_data  # noqa: E402
+from evaluation.demo_readback import classify_shape, dominant_colour  # noqa: E402
 from linguadiff.offline_tokenizers import save_clip_tokenizer, words_of  # noqa: E402
 from linguadiff.models.pixel_pipeline import PixelDiffusionPipeline  # noqa: E402
 
@@ -111,8 +112,8 @@ def evaluate(tokenizer, text_encoder, unet, scheduler_config, image_size: int, p
     uncond = encode(tokenizer, text_encoder, [""]).expand_as(context)
     images = pipe(context, uncond, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(0))
     truth = [(c, s) for _, c, s in prompts for _ in range(per_prompt)]
-    colour = sum(demo_data.dominant_colour(im) == c for im, (c, _) in zip(images, truth)) / len(images)
-    shape = sum(demo_data.classify_shape(im) == s for im, (_, s) in zip(images, truth)) / len(images)
+    colour = sum(dominant_colour(im) == c for im, (c, _) in zip(images, truth)) / len(images)
+    shape = sum(classify_shape(im) == s for im, (_, s) in zip(images, truth)) / len(images)
     return {"colour_accuracy": round(colour, 4), "shape_accuracy": round(shape, 4), "images": len(images)}
 
 

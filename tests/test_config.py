@@ -85,3 +85,60 @@ def test_run_dir_refuses_another_experiment(tmp_path):
     # ... another LLM in the same run_dir is not.
     with pytest.raises(ConfigError, match="llm.path"):
         RunDir.prepare(resolve(load_config([f"run_dir={tmp_path}", "data=custom", "llm=qwen2.5-1.5b"])))
+
+
+def test_config_resolves_demo_shards_only_once_datamodules_registered_them(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    # linguadiff.config imports no data code, so on its own it cannot resolve the demo preset,
+    # and says which package to import instead of OmegaConf's "Unsupported interpolation type".
+    script = ("import sys; from linguadiff.config import load_config, resolve; assert 'datamodules' not in sys.modules;"
+              " resolve(load_config([]))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert ("config key 'data.train.urls' uses the resolver 'demo_shards', which is not registered: it comes with "
+            "the datamodules package, so import datamodules before resolving the config") in done.stderr
+
+    import datamodules  # noqa: F401  - registers the resolver
+    from datamodules.demo_data import DATA_VERSION
+
+    monkeypatch.setenv("LINGUADIFF_CACHE", str(tmp_path))
+    text = tmp_path / "demo_data" / "text"
+    text.mkdir(parents=True)
+    (text / f"COMPLETE-v{DATA_VERSION}-16px").write_text("ok\n")  # as if generated: nothing is built here
+    cfg = resolve(load_config([]))
+    assert cfg.data.train.urls == str(text / "train-{00000..00011}.tar")
+    assert cfg.data.val.urls == str(text / "val-00000.tar")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "run_dir=5",                  # default runs/stage${stage}: an interpolation accepts anything
+        "init_from=runs/stage1",      # default null
+        "model.name=42",              # default ??? (must be set)
+        "trainer.max_steps=${seed}",  # an interpolated value is checked once resolved, not here
+        "diffusion.noise_offset=1",   # an integer is a fine number
+        "llm.dtype=16",               # numbers read fine as text
+        "init_from=null",             # null is allowed anywhere
+    ],
+)
+def test_defaults_that_accept_anything_and_lenient_types(override):
+    load_config([override])
+
+
+def test_wrong_types_under_nested_keys_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config key 'llm.dtype' in the command line must be a string \(default 'float32'\), got True$"):
+        load_config(["llm.dtype=true"])
+    with pytest.raises(ConfigError, match=r"^config key 'data.languages' in the command line must be a mapping, got 5$"):
+        load_config(["data.languages=5"])
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data:\n  train:\n    urls: /x.tar\n  val: [a, b]\n")
+    with pytest.raises(ConfigError, match=r"^config key 'data.val' in data preset nested.yaml must be a mapping, got \['a', 'b'\]$"):
+        load_config([f"data={nested}"])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("stages:\n  2:\n    optim: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"^config key 'optim.lr' in model preset deep.yaml \(stages.2\) must be a number"):
+        load_config(["stage=2", f"model={deep}"])

@@ -12,7 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 import train
-from datamodules.shards import Consumer, count_samples, even_share, expand_urls
+from datamodules.sources import expand_urls
+from datamodules.streams import Consumer, even_share
+from datamodules.tar_reading import count_samples
 from lightning_modules import stage_class
 from lightning_modules.ema import STATE_KEY
 from linguadiff.config import ConfigError, load_config, resolve

@@ -16,7 +16,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from datamodules.shards import Consumer, SkipCounter, expand_urls, iter_tar_samples
+from datamodules.skips import SkipCounter
+from datamodules.sources import expand_urls
+from datamodules.streams import Consumer
+from datamodules.tar_reading import iter_tar_samples
 from datamodules.text_shards import TextPairStream, TextShardsDataModule
 from tests.shard_helpers import write_shard
 
@@ -304,3 +307,33 @@ def test_failing_pipe_is_counted_not_fatal(tmp_path):
 def test_consumer_index_is_node_then_worker():
     assert Consumer(rank=1, world_size=2, worker_id=1, num_workers=3).index == 4
     assert Consumer(rank=1, world_size=2, worker_id=1, num_workers=3).count == 6
+
+
+def test_the_datamodule_gives_the_progress_log_its_epoch_size_and_filter_reasons(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from callbacks.progress import ThroughputLogger
+
+    parallel_shards(tmp_path, num_shards=3, per_shard=5)
+    dm = data_module(f"{tmp_path}/shard-{{000..002}}.tar", batch_size=3)
+    assert dm.samples_per_epoch() is None  # not set up yet: no sources to count
+    dm.setup("fit")
+    assert dm.samples_per_epoch() == 15
+    trainer = SimpleNamespace(datamodule=dm, accumulate_grad_batches=1, world_size=2, num_devices=2, num_nodes=1,
+                              strategy=object(), precision="32-true", global_step=0, max_steps=10,
+                              is_global_zero=True)
+    with caplog.at_level("INFO", logger="callbacks.progress"):
+        ThroughputLogger().on_train_start(trainer, None)
+    assert "global batch 6 samples" in caplog.text
+    assert "15 training samples: 2.5 steps per epoch" in caplog.text
+
+    # The datamodule also says which skip reasons are settings, not bad input (filter_reasons).
+    module = SimpleNamespace(batch_size_of=lambda batch: 3, log_dict=lambda *args, **kwargs: None,
+                             skipped={"lang_excluded": 5, "bad_encoding": 2})
+    trainer.global_step, trainer.callback_metrics = 50, {}
+    progress = ThroughputLogger(every_n_steps=50)
+    progress.on_train_batch_start(trainer, module, None, 0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="callbacks.progress"):
+        progress.on_train_batch_end(trainer, module, None, None, 0)
+    assert "skipped inputs 2 (data/skipped_*" in caplog.text

@@ -1,0 +1,130 @@
+"""`ShardDataModule`: the LightningDataModule plumbing the text (stage 1) and image-text
+(stages 2-3) datamodules share; a subclass only says how to build its stream."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.skips import FILTER_REASONS
+from datamodules.sources import ShardSource, parse_sources
+from datamodules.streams import Tokenizer
+from datamodules.tar_reading import count_samples
+from linguadiff.config import to_plain
+from linguadiff.distributed import group_rank_and_world
+
+
+class ShardDataModule(L.LightningDataModule):
+    """What the text and image-text datamodules share: train/val shard sources, batch sizes,
+    workers, tokenizers run in the workers, and DataLoaders over worker-batched streams.
+
+    A subclass names its `tokenizer_roles` and `source_kind` (for log lines), and implements
+    `_stream` (the IterableDataset for one split) and `_split_summary` (its log line).
+    """
+
+    tokenizer_roles: tuple[str, ...] = ()
+    source_kind = "shard"
+    filter_reasons = FILTER_REASONS  # skip reasons that are settings, not bad input
+
+    def __init__(
+        self,
+        train: Mapping[str, Any] | DictConfig,
+        val: Mapping[str, Any] | DictConfig | None,
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        shuffle_buffer: int,
+        seed: int,
+    ):
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
+        self.train_spec = to_plain(train)
+        self.val_spec = to_plain(val)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.tokenizers: dict[str, Tokenizer] = {}
+        self.train_sources: list[ShardSource] | None = None
+        self.val_sources: list[ShardSource] | None = None
+        # FSDP: every rank must get as many validation batches as the others (`even_share`).
+        self.even_val_batches = False
+
+    def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
+        """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
+        tokenizers = dict(tokenizers or {})
+        unknown = sorted(set(tokenizers) - set(self.tokenizer_roles))
+        if unknown:
+            raise ValueError(f"unknown tokenizer role(s) {unknown}; known: {list(self.tokenizer_roles)}")
+        self.tokenizers = tokenizers
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_sources is None:
+            self.train_sources = parse_sources(self.train_spec)
+            self._log_sources("train", self.train_sources)
+        if stage in (None, "fit", "validate") and self.val_sources is None and self.val_spec is not None:
+            self.val_sources = parse_sources(self.val_spec)
+            self._log_sources("val", self.val_sources)
+
+    def samples_per_epoch(self) -> int | None:
+        """Samples in one pass over the training shards, when that is cheap to know, else None.
+
+        Summed over the sources from img2dataset's `*_stats.json` or the headers of a few local
+        shards (`count_samples`); None before `setup("fit")` or when any source is remote or
+        unlabelled. What the progress callback turns into steps per epoch.
+        """
+        counts = [count_samples(source.urls) for source in self.train_sources or []]
+        return sum(counts) if counts and all(count is not None for count in counts) else None
+
+    def _log_sources(self, split: str, sources: list[ShardSource]) -> None:
+        for source in sources:
+            rank_zero_info(
+                f"{split} {self.source_kind} shards: {len(source.urls)} from {source.pattern} "
+                f"(weight {source.weight})"
+            )
+        rank_zero_info(self._split_summary(split))
+
+    def _split_summary(self, split: str) -> str:
+        """The log line after a split's sources: its batch size, workers and options."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_sources is None:
+            self.setup("fit")
+        return self._loader(self.train_sources, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The finite validation stream: each sample once across ranks and workers; iterate
+        it directly for a 'seen once' check."""
+        if self.val_spec is None:
+            return []  # Lightning skips validation for an empty list
+        if self.val_sources is None:
+            self.setup("validate")
+        return self._loader(self.val_sources, train=False)
+
+    def _loader(self, sources: list[ShardSource], *, train: bool) -> DataLoader:
+        rank, world_size = group_rank_and_world()
+        batch_size = self.batch_size if train else self.val_batch_size
+        stream = self._stream(sources, train=train, batch_size=batch_size, rank=rank, world_size=world_size)
+        stream.even_batches = self.even_val_batches and not train
+        # batch_size=None: the workers already return whole batches.
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _stream(
+        self, sources: list[ShardSource], *, train: bool, batch_size: int, rank: int, world_size: int
+    ) -> IterableDataset:
+        """The dataset yielding whole batches of one split, built on the main process."""
+        raise NotImplementedError

@@ -1,0 +1,244 @@
+"""Streams of samples and batches, from shards to what a DataLoader worker returns.
+
+- `Consumer` / `iter_consumer_samples`: which shards and samples one (rank, DataLoader worker)
+  reads, for a finite stream (each sample exactly once across all consumers) or an infinite
+  one (shards reshuffled every pass).
+- `mix_streams`, `shuffled`, `batched`, `batches_with_skips`, `even_share`: the small stream
+  combinators the datamodules chain; the batching hands skip counts to the main process
+  inside every batch.
+- `ShardStream`: the IterableDataset both the text and image-text streams build on.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch.utils.data import IterableDataset
+
+from datamodules.skips import SkipCounter
+from datamodules.sources import ShardSource
+from datamodules.tar_reading import iter_tar_samples
+
+T = TypeVar("T")
+
+# Runs in the DataLoader workers: a list of texts -> token tensors.
+Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One reader of the data: a DataLoader worker of one rank. Node first, then worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker_id: int = 0
+    num_workers: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.rank * self.num_workers + self.worker_id
+
+    @property
+    def count(self) -> int:
+        return self.world_size * self.num_workers
+
+    @classmethod
+    def current(cls, rank: int, world_size: int) -> Consumer:
+        """The consumer running this code, given the rank the DataLoader was built on."""
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            return cls(rank, world_size)
+        return cls(rank, world_size, worker.id, worker.num_workers)
+
+
+def iter_consumer_samples(
+    urls: Sequence[str],
+    consumer: Consumer,
+    skips: SkipCounter,
+    *,
+    infinite: bool,
+    seed: int | str = 0,
+    wanted: Callable[[str], bool] = lambda extension: True,
+) -> Iterator[dict[str, Any]]:
+    """The raw samples (see `iter_tar_samples`) this consumer reads from one source.
+
+    Splitting, with C = ranks x workers consumers:
+
+    - at least C shards: consumer i reads shards i, i + C, i + 2C, ... (node, then worker);
+    - fewer shards than C: every consumer reads every shard and keeps the samples whose
+      running index % C == i. Reading is repeated C times, which is cheap because this only
+      happens for small data, and no consumer starves or waits for a shard that never comes.
+
+    Either way a finite stream yields each sample exactly once across all consumers.
+    The infinite stream reshuffles the shard order every pass with a seed from (seed, pass)
+    only, so all consumers agree on the order and the split stays a partition; consumers
+    differ in their own shuffle buffers downstream. In sample mode the running index goes on
+    across passes, so even with fewer samples than consumers each consumer gets data
+    (in a later pass) instead of spinning forever.
+
+    Shard-level problems (unreadable, truncated, corrupt headers) are counted once: in sample
+    mode only by the consumer that would own the shard under the shard split.
+    """
+    by_sample = len(urls) < consumer.count
+    silent = SkipCounter.discarding()
+    sample_index = 0
+    shards_ever_read: set[str] = set()
+    source_has_samples = False
+    for pass_index in itertools.count() if infinite else (0,):
+        order = list(urls)
+        if infinite:
+            random.Random(f"{seed}:{pass_index}").shuffle(order)
+        my_shards = order if by_sample else order[consumer.index :: consumer.count]
+        for position, url in enumerate(my_shards):
+            shards_ever_read.add(url)
+            owns_shard = not by_sample or position % consumer.count == consumer.index
+            for sample in iter_tar_samples(url, skips if owns_shard else silent, wanted):
+                source_has_samples = True
+                if not by_sample or sample_index % consumer.count == consumer.index:
+                    yield sample
+                sample_index += 1
+        if infinite and not source_has_samples and len(shards_ever_read) == len(set(urls)):
+            # Every shard has been tried and none holds a sample: looping on would hang.
+            raise RuntimeError(
+                f"no readable sample in any of the {len(urls)} shards starting with {urls[0]!r} "
+                f"(consumer {consumer.index} of {consumer.count}); see the skip warnings"
+            )
+
+
+def mix_streams(
+    streams: Sequence[Iterator[T]], weights: Sequence[float], rng: random.Random
+) -> Iterator[T]:
+    """Interleaves infinite streams, drawing the stream of every item by weight."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    indices = range(len(streams))
+    while True:
+        yield next(streams[rng.choices(indices, weights=weights)[0]])
+
+
+def shuffled(stream: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:
+    """Shuffle buffer: yields a random buffered item once the buffer is full."""
+    if buffer_size <= 1:
+        yield from stream
+        return
+    buffer: list[T] = []
+    for item in stream:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], item = item, buffer[index]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def batched(stream: Iterable[T], batch_size: int, keep_partial: bool) -> Iterator[list[T]]:
+    """Groups items into lists of `batch_size`; the last short list only if `keep_partial`."""
+    batch: list[T] = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch and keep_partial:
+        yield batch
+
+
+def batches_with_skips(
+    stream: Iterable[T],
+    batch_size: int,
+    keep_partial: bool,
+    skips: SkipCounter,
+    collate: Callable[[list[T], dict[str, int]], dict[str, Any]],
+) -> Iterator[dict[str, Any]]:
+    """Collated batches, each carrying the skip counts since the previous one.
+
+    Each batch is held back until the next one is ready, so skips met after the last items
+    of a finite stream (a truncated final shard, say) still ride on its last batch.
+    """
+    pending: list[T] | None = None
+    for group in batched(stream, batch_size, keep_partial):
+        if pending is not None:
+            yield collate(pending, skips.take())
+        pending = group
+    if pending is not None:
+        yield collate(pending, skips.take())
+
+
+def even_share(batches: Iterable[dict[str, Any]], consumer: Consumer) -> Iterator[dict[str, Any]]:
+    """This consumer's share of batches every consumer formed alike, in equal numbers.
+
+    Consumer i keeps batches i, i + C, ...; at the end every consumer has seen the total and
+    tops its share up to ceil(total / C) with copies of its last batch flagged
+    `padding=True` (steps run them, metrics skip them). Under FSDP every rank must run as
+    many forward passes as the others (each pass gathers weights from all ranks), so its
+    validation cannot end one batch early on one rank. Skip counts ride on the batch they
+    came with, so each is reported once, by the consumer that keeps it.
+    """
+    total, kept, last = 0, 0, None
+    for index, batch in enumerate(batches):
+        total += 1
+        if index % consumer.count == consumer.index:
+            kept += 1
+            yield batch
+        last = batch
+    for _ in range(-(-total // consumer.count) - kept):
+        yield {**last, "padding": True, "skipped": {}}
+
+
+class ShardStream(IterableDataset):
+    """What the text and image-text streams share: their sources and batching settings, the
+    rank they read for, and batches finished in the worker (skip counts, tokens).
+
+    A subclass sets `tokenized_fields` (tokenizer role -> the batch field it reads) and
+    implements `__iter__` and `_collate_items` (items -> batch dict).
+    """
+
+    tokenized_fields: Mapping[str, str] = {}
+
+    def __init__(
+        self,
+        sources: Sequence[ShardSource],
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        tokenizers: Mapping[str, Tokenizer] | None,
+        rank: int,
+        world_size: int,
+        even_batches: bool = False,
+    ) -> None:
+        super().__init__()
+        self.even_batches = even_batches  # finite streams: the same number of batches per consumer
+        self.sources = list(sources)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.tokenizers = dict(tokenizers or {})
+        self.rank = rank
+        self.world_size = world_size
+
+    def _collate_items(self, items: list[Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _consumers(self, train: bool) -> tuple[Consumer, Consumer]:
+        """(who reads, who this is): with `even_batches`, a finite stream is read whole by
+        every consumer and shared out by `even_share` after batching."""
+        consumer = Consumer.current(self.rank, self.world_size)
+        return (Consumer() if self.even_batches and not train else consumer), consumer
+
+    def _share(self, batches: Iterator[dict[str, Any]], train: bool, consumer: Consumer) -> Iterator[dict[str, Any]]:
+        return even_share(batches, consumer) if self.even_batches and not train else batches
+
+    def _collate(self, items: list[Any], skipped: dict[str, int]) -> dict[str, Any]:
+        batch = self._collate_items(items)
+        batch["skipped"] = skipped
+        for role, tokenize in self.tokenizers.items():
+            batch[f"{role}_tokens"] = tokenize(batch[self.tokenized_fields[role]])
+        return batch
