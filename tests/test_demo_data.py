@@ -29,7 +29,7 @@ real = demo_data.write_demo_shards
 def small(out_dir, **kw):
     with open(calls, "a") as f:
         f.write(kw["prefix"] + "\n")
-    time.sleep(1.0)
+    time.sleep(2.0)
     kw.update(num_samples=min(kw["num_samples"], 60), samples_per_shard=min(kw["samples_per_shard"], 20))
     return real(out_dir, **kw)
 
