@@ -1,7 +1,8 @@
 """Stop cleanly when the cluster asks: SIGUSR1 -> checkpoint at the next step -> requeue.
 
 SLURM sends SIGUSR1 shortly before a job's time limit or preemption (`#SBATCH
---signal=B:USR1@120`). The handler only sets a flag (nothing else is safe inside a signal
+--signal=USR1@180`, to the tasks of `srun`; `B:USR1` would signal only the batch shell, and
+`scancel --signal=USR1 JOBID` sends it by hand). The handler only sets a flag (nothing else is safe inside a signal
 handler); at the next step boundary every rank agrees to stop (one rank's signal is enough),
 Lightning ends the fit, `RunCheckpoint` writes last.ckpt at that step, and the job is
 requeued with `scontrol requeue` when it runs under SLURM and scontrol exists (otherwise

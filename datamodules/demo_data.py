@@ -13,10 +13,13 @@ punctuation - so that what the adapter learns is "find the colour and the shape"
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import random
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -268,8 +271,10 @@ def write_demo_shards(
     paths = []
     for shard_start in range(0, num_samples, samples_per_shard):
         path = out_dir / f"{prefix}-{shard_start // samples_per_shard:05d}.tar"
-        tmp = path.with_suffix(".tar.tmp")
-        with wds.TarWriter(str(tmp)) as sink:
+        # A name of this process's own: several processes (the ranks of one job, or several
+        # jobs) may write the same shard at once, and each must rename only its own file.
+        tmp = _private_name(path)
+        with _removed_on_error(tmp), wds.TarWriter(str(tmp)) as sink:
             for i in range(shard_start, min(num_samples, shard_start + samples_per_shard)):
                 scene = sample_scene(rng)
                 captions = parallel_captions(scene, rng)
@@ -294,9 +299,66 @@ def write_demo_shards(
                     for lang in LANGUAGES[1:]:
                         sample[f"{lang}.txt"] = captions[lang]
                 sink.write(sample)
-        tmp.replace(path)  # a half-written shard never looks finished
+        os.replace(tmp, path)  # atomic: a half-written shard never looks finished
         paths.append(path)
     return paths
+
+
+def _private_name(path: Path) -> Path:
+    """A temporary name next to `path` (same filesystem, so the rename is atomic) that no other
+    process uses, on this machine or another one sharing the folder."""
+    import socket
+
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path):
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, what: str, timeout: float = 3600.0):
+    """Hold an exclusive lock on `lock_path` while generating `what`: the first process
+    generates, the others wait here and then reuse its result.
+
+    flock: the kernel releases the lock when its holder dies, so a killed rank never leaves a
+    stale lock. Where the filesystem has no locks (or after `timeout`), go on without one:
+    every file is written under a private name and renamed, so the worst case is the work
+    done twice, never a broken file or a crash.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        locked, waiting, deadline = False, False, time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if not waiting:
+                    log.info("Another process is generating %s: waiting for it (%s)", what, lock_path)
+                    waiting = True
+                if time.monotonic() > deadline:
+                    log.warning("Still locked after %.0f s: generating %s here too (%s)", timeout, what, lock_path)
+                    break
+                time.sleep(0.5)
+            except OSError as err:  # e.g. a network filesystem mounted without locks
+                log.warning("Cannot lock %s (%s): generating %s without a lock", lock_path, err, what)
+                break
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def default_cache_dir() -> Path:
@@ -311,7 +373,9 @@ def ensure_demo_data(kind: str, root: str | Path | None = None, image_size: int 
 
     `kind` "text": ``train-*.tar`` / ``val-*.tar`` parallel text shards (stage 1); "images":
     the image-text shards (stages 2-3). A marker file records the generator version, so a
-    changed generator rebuilds it and a half-finished build is redone.
+    changed generator rebuilds it and a half-finished build is redone. Safe when several
+    processes ask at once (the ranks of a job, other jobs sharing the cache): one generates
+    under a lock, the others wait and reuse its shards.
     """
     if kind not in ("text", "images"):
         raise ValueError(f"demo data kind must be 'text' or 'images', got {kind!r}")
@@ -319,6 +383,20 @@ def ensure_demo_data(kind: str, root: str | Path | None = None, image_size: int 
     marker = folder / f"COMPLETE-v{DATA_VERSION}-{image_size}px"
     if marker.exists():
         return folder
+    # Every rank of a job (and any other job sharing the cache) comes here at once on first
+    # use: one generates, the others wait for it and reuse its shards.
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder / ".generating.lock", f"the demo {kind} shards"):
+        if not marker.exists():
+            _generate_demo_data(kind, folder, image_size)
+            tmp = _private_name(marker)
+            with _removed_on_error(tmp):
+                tmp.write_text("ok\n")
+                os.replace(tmp, marker)  # the marker appears only once every shard is in place
+    return folder
+
+
+def _generate_demo_data(kind: str, folder: Path, image_size: int) -> None:
     log.info("Generating the demo %s shards in %s (first use)...", kind, folder)
     if kind == "text":
         # The training shards carry the translations in KEY.json, the validation shards in
@@ -332,8 +410,6 @@ def ensure_demo_data(kind: str, root: str | Path | None = None, image_size: int 
                           prefix="train", with_images=True)
         write_demo_shards(folder, num_samples=400, samples_per_shard=200, seed=4, image_size=image_size,
                           prefix="val", with_images=True)
-    marker.write_text("ok\n")
-    return folder
 
 
 def demo_shard_urls(stage: int, split: str) -> str:
