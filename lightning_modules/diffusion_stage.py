@@ -99,7 +99,10 @@ class DiffusionStage(StageModule):
         else:
             latents = self.vae.encode(batch["image"].to(self.device, self.vae.dtype)).latent_dist.sample()
             x0 = (latents * self.vae.config.scaling_factor).float()
-        return x0.contiguous(memory_format=torch.channels_last) if self.settings.channels_last else x0
+        # One memory layout whatever the source: the VAE's encoder may hand back channels-last
+        # latents, cached moments are contiguous, and the UNet's convolutions pick their kernels
+        # (and so their rounding) by layout: a cached batch must give the VAE's loss bit for bit.
+        return x0.contiguous(memory_format=torch.channels_last if self.settings.channels_last else torch.contiguous_format)
 
     def conditioning(self, batch: dict) -> tuple[torch.Tensor, dict | None]:
         """The UNet's text inputs for a batch: the cross-attention context and, for SDXL, the
