@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import generate
 import train
-from linguadiff.generation import AdapterTextEncoder
+from linguadiff.generation import AdapterTextEncoder, Generator, _load_pipeline
 from tests.test_stage1_training import assets, tiny_args  # noqa: F401  (module fixture)
 from tests.tiny_models import make_tiny_sd_pipeline
 
@@ -58,3 +60,34 @@ def test_demo_export_draws_with_the_pixel_pipeline(assets, tmp_path):  # noqa: F
 def test_generate_explains_a_missing_export(tmp_path, capsys):
     assert generate.main([f"run_dir={tmp_path}", "prompt=x"]) == 2
     assert "no adapter.safetensors" in capsys.readouterr().err
+
+
+class _RandomConditioning:
+    """Stands in for LLM + adapter: fp32 conditioning of the shapes the UNet reads."""
+
+    def __init__(self, unet) -> None:
+        self.width = unet.config.cross_attention_dim
+        self.pooled = (unet.config.projection_class_embeddings_input_dim or 0) - 6 * (unet.config.addition_time_embed_dim or 0)
+
+    def __call__(self, prompts: list[str]) -> dict:
+        g = torch.Generator().manual_seed(len(prompts))
+        return {"context": torch.randn(len(prompts), 7, self.width, generator=g),
+                "pooled": torch.randn(len(prompts), self.pooled, generator=g) if self.pooled > 0 else None}
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("unet_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vae_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_drawing_is_dtype_safe(pipelines, kind, unet_dtype, vae_dtype):
+    """Every UNet / VAE dtype pair the code can produce draws (issue 14: a trained fp32 UNet
+    beside the presets' bf16 VAE crashed the first sample grid of every real run)."""
+    pipeline = _load_pipeline(kind, str(pipelines[kind]), None, torch.float32, None)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.unet.to(unet_dtype)
+    pipeline.vae.to(vae_dtype)
+    generator = Generator(encoder=_RandomConditioning(pipeline.unet), pipeline=pipeline, kind=kind, metadata={},
+                          defaults={"steps": 2, "scheduler": "ddim", "guidance": 3.0})
+    drawn = generator(["a", "b"], negative_prompt="", num_images=1)
+    assert [im.size for _, _, im in drawn] == [(32, 32)] * 2
+    assert pipeline.vae.dtype == vae_dtype  # an upcast for decoding is undone
+    assert np.asarray(drawn[0][2]).std() > 0
