@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from linguadiff.models.adapter import QueryAdapter
 from lightning_modules.base import StageModule
 from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
-from linguadiff.models.losses import ALIGNMENT_LOSSES, token_cosine_similarity
+from linguadiff.models.losses import ALIGNMENT_LOSSES, alignment_loss_from_config, token_cosine_similarity
 from linguadiff.models.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
 from linguadiff.distributed import gather_objects
@@ -43,7 +43,7 @@ class Stage1Alignment(StageModule):
         self.apply_speed_options()
         if cfg.loss.type not in ALIGNMENT_LOSSES:
             raise ConfigError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {cfg.loss.type!r}")
-        self.loss_fn = ALIGNMENT_LOSSES[cfg.loss.type]
+        self.alignment_loss = alignment_loss_from_config(cfg.loss, teacher.context_parts)
         self._val_outputs: list[dict[str, Any]] = []
 
     @classmethod
@@ -76,13 +76,7 @@ class Stage1Alignment(StageModule):
                                 grouped=not self.sharded)
 
     def alignment(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
-        w = self.cfg.loss.norm_weight
-        out = self.loss_fn(student["context"], teacher["context"], w)
-        if teacher.get("pooled") is not None and student.get("pooled") is not None:
-            pooled = self.loss_fn(student["pooled"], teacher["pooled"], w)
-            out["loss"] = out["loss"] + self.cfg.loss.pooled_weight * pooled["loss"]
-            out["pooled_cosine"] = pooled["cosine"]
-        return out
+        return self.alignment_loss(student, teacher)
 
     def _empty_prompt(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
         """The empty prompt's LLM features and CLIP target: they never change, computed once.
@@ -122,6 +116,8 @@ class Stage1Alignment(StageModule):
         self.log("train/norm_mse", out["norm_mse"], batch_size=size)
         if "pooled_cosine" in out:
             self.log("train/pooled_cosine", out["pooled_cosine"], batch_size=size)
+        for part, cosine in out.get("part_cosines", {}).items():  # SDXL: is each encoder's half fitted?
+            self.log(f"train/cosine_{part}", cosine, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return loss
 
@@ -134,6 +130,8 @@ class Stage1Alignment(StageModule):
             return
         self.log("val/loss", out["loss"], batch_size=size, sync_dist=True)
         self.log("val/cosine", out["cosine"], batch_size=size, sync_dist=True)
+        for part, cosine in out.get("part_cosines", {}).items():
+            self.log(f"val/cosine_{part}", cosine, batch_size=size, sync_dist=True)
         self._val_outputs.append(
             {
                 "key": list(batch["key"]),

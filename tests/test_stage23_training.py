@@ -142,6 +142,8 @@ def test_presets_dtypes_stage2_samples_export_generate_evaluate(world, tmp_path,
     bf16 (issue 14: the first sample grid of every real stage-2 run crashed)."""
     stage1 = tmp_path / "stage1"
     assert train.main(stage_args(world, stage1, 1, kind=kind, **{"trainer.max_steps": 1, "trainer.val_check_interval": 1})) == 0
+    if kind == "sdxl":  # the per-encoder loss logs each part's cosine
+        assert scalars(stage1, "train/cosine_clip_l") and scalars(stage1, "train/cosine_clip_g")
     stage2 = tmp_path / "stage2"
     assert train.main(stage_args(world, stage2, 2, kind=kind, init_from=stage1,
                                  **{"model.dtype": "bfloat16", "samples.every_n_steps": 1, "trainer.max_steps": 2,

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from linguadiff.models.frozen import freeze
+from linguadiff.models.losses import ContextPart
 from linguadiff.models.text_encoder import torch_dtype
 
 TeacherKind = Literal["sd15", "sdxl"]
@@ -147,6 +148,14 @@ class CLIPTeacher(nn.Module):
     def context_dim(self) -> int:
         width = self.text_encoder.config.hidden_size
         return width + self.text_encoder_2.config.hidden_size if self.text_encoder_2 is not None else width
+
+    @property
+    def context_parts(self) -> tuple[ContextPart, ...]:
+        """Which encoder each slice of the context's width comes from (SDXL: CLIP-L, then bigG)."""
+        first = ContextPart("clip_l", self.text_encoder.config.hidden_size)
+        if self.text_encoder_2 is None:
+            return (first,)
+        return first, ContextPart("clip_g", self.text_encoder_2.config.hidden_size)
 
     @property
     def pooled_dim(self) -> int | None:
