@@ -141,3 +141,35 @@ def test_teachers_are_frozen(sd15: CLIPTeacher, sdxl: CLIPTeacher) -> None:
 def test_unknown_kind_is_rejected(bases: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="sd15"):
         CLIPTeacher(bases["sd15"], "sd3")
+
+
+@pytest.fixture(scope="module")
+def saved_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.tiny_models import make_tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: make_tiny_sd_pipeline(root / kind, kind=kind) for kind in ("sd15", "sdxl")}
+
+
+@pytest.mark.parametrize("prompt", ["a red cube", LONG])
+def test_sdxl_teacher_equals_the_diffusers_pipelines_own_encode_prompt(saved_pipelines, prompt) -> None:
+    """Against StableDiffusionXLPipeline.encode_prompt itself (not a copy of its logic): the
+    first window and the pooled vector, for a short prompt and one past 75 tokens (which the
+    pipeline truncates to the first window)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(saved_pipelines["sdxl"])
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    out = CLIPTeacher(saved_pipelines["sdxl"], "sdxl").encode([prompt])
+    torch.testing.assert_close(out["context"][:, :76], context[:, :76].float())
+    torch.testing.assert_close(out["pooled"], pooled.float())
+
+
+def test_sd15_teacher_equals_the_diffusers_pipelines_own_encode_prompt(saved_pipelines) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(saved_pipelines["sd15"], safety_checker=None, requires_safety_checker=False)
+    with torch.no_grad():
+        context, _ = pipe.encode_prompt([SHORT, LONG], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    torch.testing.assert_close(CLIPTeacher(saved_pipelines["sd15"], "sd15").encode([SHORT, LONG])["context"], context.float())
