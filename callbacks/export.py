@@ -28,7 +28,7 @@ class RunExport(L.Callback):
                 log.info("Stopped at step %d of %d: no export until the run finishes (rerun to resume)",
                          trainer.global_step, trainer.max_steps)
             return
-        metadata = adapter_metadata(self.cfg, trainer.global_step)
+        metadata = adapter_metadata(self.cfg, trainer.global_step, unwrap(pl_module.text_encoder).tokenizer)
         pl_module.export(self.export_dir, metadata)  # on every rank: FSDP gathers shards for rank 0
         if trainer.is_global_zero:
             write_model_card(self.export_dir, self.cfg, metadata, unwrap(pl_module.adapter).config)

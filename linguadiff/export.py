@@ -17,9 +17,13 @@ from linguadiff.models.adapter import read_adapter_metadata
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def adapter_metadata(cfg: DictConfig, global_step: int) -> dict:
-    """Everything a stranger needs to use the adapter without the training config."""
-    return {
+def adapter_metadata(cfg: DictConfig, global_step: int, prompt_tokenizer=None) -> dict:
+    """Everything a stranger needs to use the adapter without the training config.
+
+    With the run's `PromptTokenizer`, the BOS id it puts first is recorded too
+    (`llm.bos_token_id`), so a later load can tell when a tokenizer resolves it differently.
+    """
+    meta = {
         "stage": int(cfg.stage),
         "global_step": int(global_step),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -32,12 +36,15 @@ def adapter_metadata(cfg: DictConfig, global_step: int) -> dict:
             "layers": list(cfg.llm.layers),
             "layer_mix": cfg.llm.layer_mix,
             "max_length": int(cfg.llm.max_length),
-            "add_bos": bool(cfg.llm.add_bos),
+            "bos": cfg.llm.bos,
             "trust_remote_code": bool(cfg.llm.trust_remote_code),
         },
         "base_model": {"name": cfg.model.name, "kind": cfg.model.kind, "path": cfg.model.path, "revision": cfg.model.revision},
         "generate": {k: cfg.generate[k] for k in cfg.generate},
     }
+    if prompt_tokenizer is not None:
+        meta["llm"]["bos_token_id"] = prompt_tokenizer.bos_id
+    return meta
 
 
 STAGE_NAMES = {1: "text-only alignment to the base's CLIP features", 2: "end-to-end image-text training",
@@ -66,7 +73,8 @@ def write_model_card(directory: Path, cfg: DictConfig, metadata: dict, adapter: 
         "",
         "## Training settings",
         "",
-        f"- LLM layers {list(cfg.llm.layers)} ({cfg.llm.layer_mix}), max {cfg.llm.max_length} tokens, dtype {cfg.llm.dtype}",
+        f"- LLM layers {list(cfg.llm.layers)} ({cfg.llm.layer_mix}), max {cfg.llm.max_length} tokens, dtype {cfg.llm.dtype}, "
+        f"BOS {cfg.llm.bos}" + (f" (token id {metadata['llm']['bos_token_id']})" if metadata["llm"].get("bos_token_id") is not None else ""),
         f"- adapter: width {adapter['dim']}, {adapter['num_queries']} queries, "
         f"{adapter['encoder_layers']}+{adapter['decoder_layers']} layers, {adapter['heads']} heads"
         + (f", pooled {adapter['pooled_dim']}" if adapter.get("pooled_dim") else ""),

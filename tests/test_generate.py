@@ -91,3 +91,40 @@ def test_drawing_is_dtype_safe(pipelines, kind, unet_dtype, vae_dtype):
     assert [im.size for _, _, im in drawn] == [(32, 32)] * 2
     assert pipeline.vae.dtype == vae_dtype  # an upcast for decoding is undone
     assert np.asarray(drawn[0][2]).std() > 0
+
+
+def test_qwen2_without_tokenizer_bos_uses_the_configs_for_the_empty_prompt_in_stage1_and_generation(assets, pipelines, tmp_path):  # noqa: F811
+    """The tiny Qwen2 LLM's tokenizer has no BOS, its config names <|endoftext|> (as Qwen2.5's):
+    that token goes first, the export records it, and the empty prompt the LLM reads is exactly
+    [BOS] both where stage 1 aligns it and where generation feeds it as the negative prompt."""
+    from linguadiff.config import load_config, resolve
+    from linguadiff.models.adapter import read_adapter_metadata
+    from linguadiff.models.text_encoder import LLMTextEncoder
+    from lightning_modules.stage1_alignment import Stage1Alignment
+
+    run_dir = tmp_path / "run"
+    args = tiny_args({**assets, "sd15": pipelines["sd15"]}, run_dir, **{"trainer.max_steps": 1, "trainer.val_check_interval": 1})
+    assert train.main(args) == 0
+    meta = read_adapter_metadata(run_dir / "export" / "adapter.safetensors")
+    module = Stage1Alignment.from_config(resolve(load_config(args)))
+    bos = module.text_encoder.tokenizer.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert meta["llm"]["bos"] == "auto" and meta["llm"]["bos_token_id"] == bos
+
+    def record(into):
+        return lambda _module, _args, kwargs: into.append(kwargs["input_ids"].tolist())
+
+    seen_in_stage1: list = []
+    module.text_encoder.model.register_forward_pre_hook(record(seen_in_stage1), with_kwargs=True)
+    module._empty_prompt()
+    assert seen_in_stage1 == [[[bos]]]
+
+    generator = Generator.from_run(run_dir)
+    seen_in_generation: list = []
+    generator.encoder.text_encoder.model.register_forward_pre_hook(record(seen_in_generation), with_kwargs=True)
+    generator(["a red circle"], negative_prompt="", steps=1)
+    assert seen_in_generation[0] == [[bos]]  # the negative prompt, encoded first
+    assert seen_in_generation[1][0][0] == bos
+
+    # An export written before `bos` replaced `add_bos` still loads, with the same BOS.
+    legacy = {k: v for k, v in meta["llm"].items() if k not in ("bos", "bos_token_id")} | {"add_bos": True}
+    assert LLMTextEncoder.from_settings(legacy).tokenizer.bos_id == bos
