@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from linguadiff.models.adapter import QueryAdapter
 from lightning_modules.base import StageModule
-from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
+from linguadiff.models.clip_teacher import CLIPTeacher, TeacherBoundedTokenizer, teacher_kind
 from linguadiff.models.losses import ALIGNMENT_LOSSES, alignment_loss_from_config, token_cosine_similarity
 from linguadiff.models.text_encoder import LLMTextEncoder, encode_by_length
 from linguadiff.config import ConfigError
@@ -66,7 +66,8 @@ class Stage1Alignment(StageModule):
 
     def tokenizers(self) -> dict[str, Any]:
         """Picklable tokenizers the data workers run (no model inside)."""
-        return {"teacher": self.teacher.tokenizer, "student": self.text_encoder.tokenizer}
+        # The LLM reads only what the teacher read of each caption (README: long prompts).
+        return {"teacher": self.teacher.tokenizer, "student": TeacherBoundedTokenizer(self.text_encoder.tokenizer, self.teacher.tokenizer)}
 
     # ------------------------------------------------------------------ forward
 
@@ -97,7 +98,8 @@ class Stage1Alignment(StageModule):
     def _tokens(self, batch: dict, side: str) -> dict[str, torch.Tensor]:
         tokens = batch.get(f"{side}_tokens")
         if tokens is None:  # no tokenizers in the workers (e.g. a plain list of texts)
-            tokens = self.tokenizers()[side](batch[f"{side}_text"])
+            texts = [batch["student_text"], batch["teacher_text"]] if side == "student" else [batch["teacher_text"]]
+            tokens = self.tokenizers()[side](*texts)
         return {k: v.to(self.device) for k, v in tokens.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ def make_tiny_llm(
     heads: int = 4,
     tokenizer_adds_bos: bool | None = None,
     config_bos: bool = True,
+    positions: int = 128,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random LLM and its tokenizer to ``path``; return ``path``.
@@ -134,7 +135,7 @@ def make_tiny_llm(
                 num_hidden_layers=layers,
                 num_attention_heads=heads,
                 num_key_value_heads=max(1, heads // 2),
-                max_position_embeddings=128,
+                max_position_embeddings=positions,
                 bos_token_id=ids["<|endoftext|>"] if kind == "qwen2" and config_bos else token_id("bos_token"),
                 eos_token_id=token_id("eos_token"),
                 pad_token_id=token_id("pad_token"),
