@@ -271,3 +271,28 @@ def test_prompt_tokenizer_from_a_tokenizer_only_folder(tmp_path):
     tokenizer = PromptTokenizer(str(tmp_path), max_length=8)
     ids = tokenizer(["a red circle", "x"])["input_ids"]
     assert ids.shape == (2, 8) and ids[0, 0].item() == tokenizer.bos_id
+
+
+def test_baichuan2_is_refused_before_its_remote_code_runs(tmp_path: Path, capsys) -> None:
+    """Issue 14.5: Baichuan2's remote code does not load with transformers 5; the preset stops
+    at start with a plain message naming what to use instead, and none of its code runs."""
+    import json
+
+    import train
+    from linguadiff.config import ConfigError
+
+    folder = tmp_path / "Baichuan2-7B-Chat"
+    folder.mkdir()
+    marker = tmp_path / "remote-code-ran"
+    (folder / "configuration_baichuan.py").write_text(f"open({str(marker)!r}, 'w').close()\n", encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "baichuan", "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig"}}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="llm=qwen2.5-7b"):
+        LLMTextEncoder(str(folder), trust_remote_code=True)
+    with pytest.raises(ConfigError, match="Baichuan2"):
+        PromptTokenizer(str(folder), trust_remote_code=True)
+    assert train.main(["llm=baichuan2-7b", f"llm.path={folder}", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not load with transformers" in err and "llm=qwen2.5-7b" in err
+    assert not marker.exists()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import __version__ as transformers_version
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -121,6 +122,7 @@ class PromptTokenizer:
         if bos not in BOS_SETTINGS:
             raise ValueError(f"bos must be one of {BOS_SETTINGS}, got {bos!r}")
         self.path_or_name = str(path_or_name)
+        check_llm_supported(self.path_or_name, revision)
         self.bos: BosSetting = bos
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.path_or_name, trust_remote_code=trust_remote_code, revision=revision
@@ -227,6 +229,39 @@ def encode_by_length(
     return {key: None if parts[0][key] is None else torch.cat([p[key] for p in parts])[inverse] for key in parts[0]}
 
 
+# LLMs whose published loading code is known not to work with the transformers this project
+# installs (5.x), by the `model_type` of their config.json: what fails, and what to use instead.
+UNSUPPORTED_LLMS = {
+    "baichuan": (
+        "Baichuan2 (the paper's LLM) loads only through the remote code in its model repository, "
+        "written for transformers 4.33: its tokenizer fails from transformers 4.34 on ('BaichuanTokenizer' "
+        "object has no attribute 'sp_model', baichuan-inc/Baichuan2#204, #226), and transformers 5 loads "
+        "4.x-era remote models differently (weights initialised after loading, non-persistent RoPE "
+        "buffers), which can give wrong features without any error. This project needs transformers 5, "
+        "so it refuses it rather than train on features it cannot check. Use llm=qwen2.5-7b (multilingual, "
+        "Chinese and English included, loaded by transformers' own code) or another LLM preset"
+    ),
+}
+
+
+def check_llm_supported(path_or_name: str, revision: str | None = None) -> None:
+    """Refuse an LLM from `UNSUPPORTED_LLMS` before any of its code runs, saying what to use instead.
+
+    Reads only config.json (no remote code executes). A folder or name without one is left
+    to `from_pretrained`, whose own error is clearer.
+    """
+    from linguadiff.config import ConfigError
+
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(str(path_or_name), revision=revision)
+    except (OSError, ValueError):
+        return
+    model_type = str(raw.get("model_type", "")).lower()
+    if model_type in UNSUPPORTED_LLMS:
+        raise ConfigError(f"llm.path={path_or_name} (model_type {model_type!r}) does not load with transformers "
+                          f"{transformers_version}: {UNSUPPORTED_LLMS[model_type]}.")
+
+
 def _load_backbone(
     config: PretrainedConfig, path_or_name: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None,
     device: torch.device | None = None,
@@ -284,6 +319,7 @@ class LLMTextEncoder(nn.Module):
         if len(layers) == 0:
             raise ValueError("layers must name at least one hidden state, e.g. (-1,)")
         self._name = str(path_or_name)
+        check_llm_supported(self._name, revision)
         config = AutoConfig.from_pretrained(self._name, trust_remote_code=trust_remote_code, revision=revision)
         self.model = freeze(_load_backbone(config, self._name, torch_dtype(dtype), trust_remote_code, revision, device))
         self._tokenizer = PromptTokenizer(self._name, max_length, bos, trust_remote_code, revision)
