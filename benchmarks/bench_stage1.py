@@ -90,11 +90,11 @@ class InMemoryTextEncoder(LLMTextEncoder):
     an attribute that ``forward`` reads, this fails loudly (AttributeError), never silently.
     """
 
-    def __init__(self, model: nn.Module, tokenizer_dir: Path, max_length: int, layers, layer_mix: str, add_bos: bool) -> None:
+    def __init__(self, model: nn.Module, tokenizer_dir: Path, max_length: int, layers, layer_mix: str, bos: str) -> None:
         nn.Module.__init__(self)
         self._name = f"random {model.config.model_type} (in memory)"
         self.model = freeze(model)
-        self._tokenizer = PromptTokenizer(str(tokenizer_dir), max_length, add_bos)
+        self._tokenizer = PromptTokenizer(str(tokenizer_dir), max_length, bos)
         self.num_hidden_states = model.config.num_hidden_layers + 1
         self.layers = tuple(int(i) % self.num_hidden_states for i in layers)
         self.layer_mix = layer_mix
@@ -143,7 +143,7 @@ def build_random_sdxl_7b(cfg, folder: Path, device: torch.device, tiny: bool, ll
         llm = AutoModel.from_config(llm_config, dtype=llm_dtype, attn_implementation=llm_attn)
         clip_l = CLIPTextModel(_clip_config(TINY_CLIP_L if tiny else CLIP_L, tok_1)).to(teacher_dtype)
         bigg = CLIPTextModelWithProjection(_clip_config(TINY_BIGG if tiny else CLIP_BIGG, tok_2)).to(teacher_dtype)
-    encoder = InMemoryTextEncoder(llm, llm_dir, cfg.llm.max_length, tuple(cfg.llm.layers), cfg.llm.layer_mix, cfg.llm.add_bos)
+    encoder = InMemoryTextEncoder(llm, llm_dir, cfg.llm.max_length, tuple(cfg.llm.layers), cfg.llm.layer_mix, cfg.llm.bos)
     teacher = _InMemoryTeacher(base_dir, "sdxl", clip_l, bigg)
     if tiny:  # the shortcut must be exact: compare with the real classes loaded from_pretrained
         llm.save_pretrained(llm_dir)
@@ -151,7 +151,7 @@ def build_random_sdxl_7b(cfg, folder: Path, device: torch.device, tiny: bool, ll
         bigg.save_pretrained(base_dir / "text_encoder_2")
         _check_same(encoder, teacher, LLMTextEncoder(str(llm_dir), dtype=llm_dtype, max_length=cfg.llm.max_length,
                                                      layers=tuple(cfg.llm.layers), layer_mix=cfg.llm.layer_mix,
-                                                     add_bos=cfg.llm.add_bos).to(device),
+                                                     bos=cfg.llm.bos).to(device),
                     CLIPTeacher(base_dir, "sdxl", dtype=teacher_dtype).to(device))
     return encoder, teacher
 
@@ -179,7 +179,7 @@ def build_demo(cfg, folder: Path, teacher_dtype: torch.dtype) -> tuple[LLMTextEn
     from transformers import CLIPTextModel, CLIPTokenizer
 
     encoder = LLMTextEncoder(cfg.llm.path, dtype=cfg.llm.dtype, max_length=cfg.llm.max_length,
-                             layers=tuple(cfg.llm.layers), layer_mix=cfg.llm.layer_mix, add_bos=cfg.llm.add_bos)
+                             layers=tuple(cfg.llm.layers), layer_mix=cfg.llm.layer_mix, bos=cfg.llm.bos)
     base = Path(cfg.model.path)
     if not (base / "text_encoder").is_dir():
         print(f"note: {base}/text_encoder is missing (scripts/make_demo_base.py writes it); "

@@ -120,7 +120,7 @@ def build_demo(cfg) -> tuple[LLMTextEncoder, Any, Any, Any]:
     """The committed demo through the project's own loaders (no VAE: a pixel-space UNet)."""
     m = cfg.model
     encoder = LLMTextEncoder(cfg.llm.path, dtype=cfg.llm.dtype, max_length=cfg.llm.max_length,
-                             layers=tuple(cfg.llm.layers), layer_mix=cfg.llm.layer_mix, add_bos=cfg.llm.add_bos)
+                             layers=tuple(cfg.llm.layers), layer_mix=cfg.llm.layer_mix, bos=cfg.llm.bos)
     return (encoder, load_unet(m.path), load_vae(m.path, m.kind, m.dtype),
             load_noise_scheduler(m.path, cfg.diffusion.prediction_type))
 
@@ -149,7 +149,7 @@ def build_random_base_7b(cfg, preset: str, folder: Path, device: torch.device, t
     if cfg.diffusion.prediction_type:
         scheduler.register_to_config(prediction_type=cfg.diffusion.prediction_type)
     encoder = InMemoryTextEncoder(llm, llm_dir, cfg.llm.max_length, tuple(cfg.llm.layers), cfg.llm.layer_mix,
-                                   cfg.llm.add_bos)
+                                   cfg.llm.bos)
     if tiny:  # the shortcut must be exact: compare with the project's loaders
         _check_same(cfg, folder, encoder, unet, vae, scheduler)
     return encoder, unet, vae, scheduler
@@ -162,7 +162,7 @@ def _check_same(cfg, folder: Path, encoder, unet, vae, scheduler) -> None:
     unet.save_pretrained(base / "unet")
     scheduler.save_pretrained(base / "scheduler")
     real_encoder = LLMTextEncoder(str(folder / "llm"), dtype="float32", max_length=cfg.llm.max_length,
-                                  layers=tuple(cfg.llm.layers), layer_mix=cfg.llm.layer_mix, add_bos=cfg.llm.add_bos)
+                                  layers=tuple(cfg.llm.layers), layer_mix=cfg.llm.layer_mix, bos=cfg.llm.bos)
     texts = ["a red cat", "portrait of woman with blue hair " * 4, ""]
     (mine, mine_mask), (real, real_mask) = encoder.encode(texts), real_encoder.encode(texts)
     diffs = {"LLM": (mine - real).abs().max().item()}
@@ -654,7 +654,7 @@ def loader_rows(cfg, args, save) -> list[Row]:
     from omegaconf import open_dict
 
     rows = []
-    tokenizer = PromptTokenizer(cfg.llm.path, cfg.llm.max_length, cfg.llm.add_bos)
+    tokenizer = PromptTokenizer(cfg.llm.path, cfg.llm.max_length, cfg.llm.bos)
     for workers in args.num_workers:
         c = copy.deepcopy(cfg)
         with open_dict(c):

@@ -1,8 +1,10 @@
 #!/bin/bash
-# The GPU checks of scale-out in one script (about 8 minutes on an H200; results in $OUT):
+# The GPU checks of scale-out in one script (about 9 minutes on an H200; results in $OUT):
 #   1. SDXL stage 2 at 1024 px, batch 8, random weights + random Qwen2.5-7B: the UNet-alone step,
 #      the full step on the fly, with cached latents, and with cached latents + a compiled UNet;
 #   2. the same with FSDP on one GPU (a separate process: it rewraps the parts);
+#   2b. drawing in the presets' dtypes: tiny SDXL- and SD1.5-shaped stage 2 in bf16-mixed with a bf16 VAE
+#      and the sample callback at every step, then generate.py in bf16/fp16/fp32 (about a minute);
 #   3. (PART=2) the demo trained through strategy=fsdp in bf16 for a few steps (stages 1 and 2),
 #      then SD1.5 at 512 px, batch 32: UNet alone and cached latents, eager and compiled.
 #
@@ -24,6 +26,11 @@ bench() {  # name, timeout, args...
 if [ "${PART:-1}" = 1 ]; then
     bench sdxl 390 --preset sdxl-7b --compile --iters 4 --warmup 2 --no-flops --only "a,e,f,a',f'"
     bench sdxl_fsdp 150 --preset sdxl-7b --cached-latents --fsdp --iters 4 --warmup 2 --no-flops --only a,g
+    echo "=== sample_dtypes: python benchmarks/check_sample_dtypes.py"
+    timeout 240 python benchmarks/check_sample_dtypes.py --out "$OUT/sample_dtypes" 2>&1 | grep -E "^(device|sdxl|sd15):|Error|error" \
+        | tee "$OUT/sample_dtypes.txt" | tail -5
+    grep -q "^sdxl: .* ok" "$OUT/sample_dtypes.txt" && grep -q "^sd15: .* ok" "$OUT/sample_dtypes.txt" \
+        || { echo "!!! sample_dtypes failed"; failed=1; }
 else
     echo "=== demo stage 1 + 2 through strategy=fsdp, bf16, one GPU"
     timeout 120 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \

@@ -28,7 +28,7 @@ class RunExport(L.Callback):
                 log.info("Stopped at step %d of %d: no export until the run finishes (rerun to resume)",
                          trainer.global_step, trainer.max_steps)
             return
-        metadata = stamped(self.metadata, trainer.global_step)
+        metadata = stamped(self.metadata, trainer.global_step, pl_module.prompt_encoder.tokenizer.bos_id)
         pl_module.export(self.export_dir, metadata)  # on every rank: FSDP gathers shards for rank 0
         if trainer.is_global_zero:
             write_model_card(self.export_dir, metadata, unwrap(pl_module.adapter).config)

@@ -30,7 +30,7 @@ MOMENTS, PIXELS, LLM_STATES = "moments.npy", "pixels.npy", "llm.npz"
 CACHE_MEMBERS = frozenset((MOMENTS, PIXELS, LLM_STATES))
 META_KEY = "linguadiff_cache"
 # The LLM settings cached features depend on (config `llm` keys).
-LLM_SIGNATURE_KEYS = ("path", "revision", "layers", "layer_mix", "max_length", "add_bos")
+LLM_SIGNATURE_KEYS = ("path", "revision", "layers", "layer_mix", "max_length", "bos")
 EMPTY = "empty"
 
 

@@ -196,11 +196,12 @@ class ShardStream(IterableDataset):
     """What the text and image-text streams share: their sources and batching settings, the
     rank they read for, and batches finished in the worker (skip counts, tokens).
 
-    A subclass sets `tokenized_fields` (tokenizer role -> the batch field it reads) and
+    A subclass sets `tokenized_fields` (tokenizer role -> the batch field it reads, or a tuple
+    of fields the tokenizer takes in that order) and
     implements `__iter__` and `_collate_items` (items -> batch dict).
     """
 
-    tokenized_fields: Mapping[str, str] = {}
+    tokenized_fields: Mapping[str, str | tuple[str, ...]] = {}
 
     def __init__(
         self,
@@ -240,5 +241,6 @@ class ShardStream(IterableDataset):
         batch = self._collate_items(items)
         batch["skipped"] = skipped
         for role, tokenize in self.tokenizers.items():
-            batch[f"{role}_tokens"] = tokenize(batch[self.tokenized_fields[role]])
+            fields = self.tokenized_fields[role]  # one field, or several passed in order
+            batch[f"{role}_tokens"] = tokenize(*(batch[f] for f in ((fields,) if isinstance(fields, str) else fields)))
         return batch

@@ -137,7 +137,9 @@ class TextPairStream(ShardStream):
     languages, batching and tokenizing; the main process only receives finished batches.
     """
 
-    tokenized_fields = {"teacher": "teacher_text", "student": "student_text"}
+    # The student's tokenizer also reads the teacher's text: stage 1 feeds the LLM only what
+    # the teacher read (linguadiff.models.clip_teacher.TeacherBoundedTokenizer).
+    tokenized_fields = {"teacher": "teacher_text", "student": ("student_text", "teacher_text")}
 
     def __init__(
         self,

@@ -10,7 +10,6 @@ end-to-end training moved the adapter from CLIP.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -21,9 +20,9 @@ from omegaconf import DictConfig
 
 from datamodules.sources import parse_sources
 from datamodules.text_shards import TextPairStream
-from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
+from linguadiff.models.clip_teacher import CLIPTeacher, TeacherBoundedTokenizer, teacher_kind
 from linguadiff.config import ConfigError
-from linguadiff.models.losses import alignment_loss, retrieval_recall
+from linguadiff.models.losses import alignment_loss_from_config, retrieval_recall
 from linguadiff.models.prompt_encoder import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -90,11 +89,11 @@ def held_out_text_metrics(prompt_encoder: PromptEncoder, cfg: DictConfig, urls: 
         raise ConfigError(f"option 'text': {err}") from None
     device = prompt_encoder.device
     teacher_model = CLIPTeacher(base_path or cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype).to(device)
-    loss = cfg.loss
-    alignment = functools.partial(alignment_loss, loss_type=loss.type, norm_weight=loss.norm_weight,
-                                  pooled_weight=loss.pooled_weight)
+    alignment = alignment_loss_from_config(cfg.loss, teacher_model.context_parts)
+    # The LLM reads what stage 1 fed it: what the teacher read of each caption.
+    student_tokenizer = TeacherBoundedTokenizer(prompt_encoder.tokenizer, teacher_model.tokenizer)
     stream = TextPairStream(sources, train=False, language_weights={}, batch_size=batch_size, seed=0, shuffle_buffer=0,
-                            tokenizers={"teacher": teacher_model.tokenizer, "student": prompt_encoder.tokenizer},
+                            tokenizers={"teacher": teacher_model.tokenizer, "student": student_tokenizer},
                             rank=0, world_size=1)
 
     def student(batch: dict[str, Any]) -> Features:  # in float32 like the teacher's, whatever the LLM's dtype

@@ -7,11 +7,13 @@ evaluation can build a module without a config at all.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
 from linguadiff.models.diffusion import DiffusionLossConfig
+from linguadiff.models.losses import AlignmentLoss, ContextPart, alignment_loss_from_config
 
 
 @dataclass(frozen=True)
@@ -56,19 +58,17 @@ class StageSettings:
 
 @dataclass(frozen=True)
 class AlignmentSettings:
-    """Stage 1's objective (configs: `loss.*`) and validation (`eval.retrieval_pool`)."""
+    """Stage 1's objective (configs: `loss.*`, built for the teacher's context parts) and
+    validation (`eval.retrieval_pool`)."""
 
-    loss_type: str = "cos_len"
-    norm_weight: float = 2e-5
-    pooled_weight: float = 1.0
+    loss: AlignmentLoss
     empty_prompt_weight: float = 0.05
     retrieval_pool: int = 512
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "AlignmentSettings":
-        loss = cfg.loss
-        return cls(loss_type=str(loss.type), norm_weight=float(loss.norm_weight), pooled_weight=float(loss.pooled_weight),
-                   empty_prompt_weight=float(loss.empty_prompt_weight), retrieval_pool=int(cfg.eval.retrieval_pool))
+    def from_config(cls, cfg: DictConfig, parts: Sequence[ContextPart]) -> "AlignmentSettings":
+        return cls(loss=alignment_loss_from_config(cfg.loss, parts), empty_prompt_weight=float(cfg.loss.empty_prompt_weight),
+                   retrieval_pool=int(cfg.eval.retrieval_pool))
 
 
 @dataclass(frozen=True)

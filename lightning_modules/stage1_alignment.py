@@ -23,8 +23,8 @@ from lightning_modules.base import StageModule
 from lightning_modules.settings import AlignmentSettings, StageSettings
 from linguadiff.config import ConfigError
 from linguadiff.distributed import gather_objects
-from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
-from linguadiff.models.losses import ALIGNMENT_LOSSES, alignment_loss, retrieval_recall
+from linguadiff.models.clip_teacher import CLIPTeacher, TeacherBoundedTokenizer, teacher_kind
+from linguadiff.models.losses import retrieval_recall
 from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.models.text_encoder import LLMTextEncoder
 from linguadiff.strategy import llm_device
@@ -37,8 +37,6 @@ class Stage1Alignment(StageModule):
                  teacher: CLIPTeacher) -> None:
         super().__init__(settings)
         check_fit(prompt_encoder, teacher)
-        if alignment.loss_type not in ALIGNMENT_LOSSES:
-            raise ConfigError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {alignment.loss_type!r}")
         self.alignment_settings = alignment
         self.text_encoder = prompt_encoder.text_encoder
         self.adapter = prompt_encoder.adapter
@@ -57,11 +55,14 @@ class Stage1Alignment(StageModule):
             check_fit(prompt_encoder, teacher, llm_name=cfg.llm.name, base_name=cfg.model.name)
         except AdapterMismatch as err:
             raise ConfigError(f"the adapter does not fit the base model: {err}") from None
-        return cls(StageSettings.from_config(cfg), AlignmentSettings.from_config(cfg), prompt_encoder, teacher)
+        return cls(StageSettings.from_config(cfg), AlignmentSettings.from_config(cfg, teacher.context_parts), prompt_encoder,
+                   teacher)
 
     def tokenizers(self) -> dict[str, Any]:
         """Picklable tokenizers the data workers run (no model inside)."""
-        return {"teacher": self.teacher.tokenizer, "student": self.text_encoder.tokenizer}
+        # The LLM reads only what the teacher read of each caption (README: long prompts).
+        return {"teacher": self.teacher.tokenizer,
+                "student": TeacherBoundedTokenizer(self.text_encoder.tokenizer, self.teacher.tokenizer)}
 
     # ------------------------------------------------------------------ forward
 
@@ -70,8 +71,7 @@ class Stage1Alignment(StageModule):
         return self.prompt_encoder(tokens["input_ids"], tokens["attention_mask"], grouped=not self.sharded)
 
     def alignment(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
-        a = self.alignment_settings
-        return alignment_loss(student, teacher, a.loss_type, a.norm_weight, a.pooled_weight)
+        return self.alignment_settings.loss(student, teacher)
 
     def empty_prompt(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
         """The empty prompt's LLM features and CLIP target: they never change, computed once.
@@ -92,7 +92,8 @@ class Stage1Alignment(StageModule):
     def _tokens(self, batch: dict, side: str) -> dict[str, torch.Tensor]:
         tokens = batch.get(f"{side}_tokens")
         if tokens is None:  # no tokenizers in the workers (e.g. a plain list of texts)
-            tokens = self.tokenizers()[side](batch[f"{side}_text"])
+            texts = [batch["student_text"], batch["teacher_text"]] if side == "student" else [batch["teacher_text"]]
+            tokens = self.tokenizers()[side](*texts)
         return {k: v.to(self.device) for k, v in tokens.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -112,6 +113,8 @@ class Stage1Alignment(StageModule):
         self.log("train/norm_mse", out["norm_mse"], batch_size=size)
         if "pooled_cosine" in out:
             self.log("train/pooled_cosine", out["pooled_cosine"], batch_size=size)
+        for part, cosine in out.get("part_cosines", {}).items():  # SDXL: is each encoder's half fitted?
+            self.log(f"train/cosine_{part}", cosine, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return loss
 
@@ -124,6 +127,8 @@ class Stage1Alignment(StageModule):
             return
         self.log("val/loss", out["loss"], batch_size=size, sync_dist=True)
         self.log("val/cosine", out["cosine"], batch_size=size, sync_dist=True)
+        for part, cosine in out.get("part_cosines", {}).items():
+            self.log(f"val/cosine_{part}", cosine, batch_size=size, sync_dist=True)
         self._val_outputs.append(
             {
                 "key": list(batch["key"]),

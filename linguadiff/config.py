@@ -103,6 +103,9 @@ def _check_keys(layer: dict, schema: dict, source: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {source}{_closest(key, known)}")
 
 
+# Keys whose value is one of a few words (checked once all layers are merged).
+CHOICES = {"llm.bos": ("auto", "none")}
+
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -225,6 +228,10 @@ def load_config(argv: Sequence[str] = (), defaults: dict[str, str] | None = None
         _check_keys(layer_tree, schema_tree, source)
         _check_types(layer_tree, schema_tree, source)
         cfg = OmegaConf.merge(cfg, layer)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
     cfg.presets = {g: choices.get(g) for g in PRESET_GROUPS}
     return cfg
 

@@ -19,7 +19,7 @@ ADAPTER_FILE = "adapter.safetensors"
 
 def adapter_metadata(cfg: DictConfig) -> dict:
     """Everything a stranger needs to use the adapter without the training config, and what
-    its model card says of the training (`stamped` adds the step and time at export)."""
+    its model card says of the training (`stamped` adds the step, the time and the BOS id)."""
     return {
         "stage": int(cfg.stage),
         "presets": {k: v for k, v in cfg.presets.items() if v},
@@ -31,7 +31,7 @@ def adapter_metadata(cfg: DictConfig) -> dict:
             "layers": list(cfg.llm.layers),
             "layer_mix": cfg.llm.layer_mix,
             "max_length": int(cfg.llm.max_length),
-            "add_bos": bool(cfg.llm.add_bos),
+            "bos": cfg.llm.bos,
             "trust_remote_code": bool(cfg.llm.trust_remote_code),
         },
         "base_model": {"name": cfg.model.name, "kind": cfg.model.kind, "path": cfg.model.path, "revision": cfg.model.revision},
@@ -50,9 +50,11 @@ def adapter_metadata(cfg: DictConfig) -> dict:
     }
 
 
-def stamped(metadata: dict, global_step: int) -> dict:
-    """The metadata of an export written now, at `global_step`."""
-    return {**metadata, "global_step": int(global_step),
+def stamped(metadata: dict, global_step: int, bos_token_id: int | None = None) -> dict:
+    """The metadata of an export written now, at `global_step`. `bos_token_id`: the id the run's
+    tokenizer put first (None: no BOS), so a later load can tell when a tokenizer resolves it
+    differently."""
+    return {**metadata, "llm": {**metadata["llm"], "bos_token_id": bos_token_id}, "global_step": int(global_step),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -82,7 +84,8 @@ def write_model_card(directory: Path, metadata: dict, adapter: dict) -> None:
         "",
         "## Training settings",
         "",
-        f"- LLM layers {list(llm['layers'])} ({llm['layer_mix']}), max {llm['max_length']} tokens, dtype {llm['dtype']}",
+        f"- LLM layers {list(llm['layers'])} ({llm['layer_mix']}), max {llm['max_length']} tokens, dtype {llm['dtype']}, "
+        f"BOS {llm['bos']}" + (f" (token id {llm['bos_token_id']})" if llm.get("bos_token_id") is not None else ""),
         f"- adapter: width {adapter['dim']}, {adapter['num_queries']} queries, "
         f"{adapter['encoder_layers']}+{adapter['decoder_layers']} layers, {adapter['heads']} heads"
         + (f", pooled {adapter['pooled_dim']}" if adapter.get("pooled_dim") else ""),

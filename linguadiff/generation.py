@@ -79,7 +79,7 @@ class Generator:
         kind, path = base["kind"], base_path or base["path"]
         # A stage-2/3 export carries its trained UNet beside the adapter.
         unet_dir = adapter_path.parent / "unet"
-        pipeline = _load_pipeline(kind, path, unet_dir if unet_dir.is_dir() else None, torch_dtype(dtype), base.get("revision"))
+        pipeline = load_pipeline(kind, path, unet_dir if unet_dir.is_dir() else None, torch_dtype(dtype), base.get("revision"))
         pipeline.set_progress_bar_config(disable=True)
         encoder.to(device)
         pipeline.to(device)
@@ -91,7 +91,7 @@ class Generator:
         from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 
         encoder = CLIPTeacher(base_path, kind=teacher_kind(kind), dtype=dtype).to(device)
-        pipeline = _load_pipeline(kind, base_path, None, torch_dtype(dtype), None)
+        pipeline = load_pipeline(kind, base_path, None, torch_dtype(dtype), None)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
         return cls(encoder=encoder.eval(), pipeline=pipeline, kind=kind, metadata={}, defaults=defaults)
@@ -150,10 +150,55 @@ class Generator:
         if self.kind == "sdxl":
             kwargs["pooled_prompt_embeds"] = cond["pooled"].to(dtype)
             kwargs["negative_pooled_prompt_embeds"] = negative["pooled"].to(dtype).expand(n, -1)
-        return self.pipeline(**kwargs).images
+        # The pipelines hand their latents (in the UNet's dtype) to the VAE as they are: decode here.
+        latents = self.pipeline(**kwargs, output_type="latent").images
+        return latents_to_images(self.pipeline, latents)
 
 
-def _load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dtype, revision: str | None):
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's decode of denoised latents -> images in [-1, 1] (float32), whatever the dtypes.
+
+    diffusers' SD1.5/SDXL pipelines decode the latents in the dtype the UNet made them in,
+    so a bf16 VAE (the presets' `model.dtype`) beside an fp32 UNet (trained weights) fails
+    with "Input type (float) and bias type (c10::BFloat16) should be the same". Here the
+    latents take the VAE's dtype, and an fp16 VAE whose config asks for it
+    (`force_upcast`, SDXL's VAE overflows in fp16) decodes in fp32 and is put back after,
+    as the SDXL pipeline does. Scaling follows the pipelines (latents_mean/std when the
+    VAE has them, else 1 / scaling_factor).
+    """
+    config = vae.config
+    upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    device = next(vae.parameters()).device
+    latents = latents.to(device, torch.float32)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        latents = latents * torch.tensor(std, device=device).view(shape) / config.scaling_factor
+        latents = latents + torch.tensor(mean, device=device).view(shape)
+    else:
+        latents = latents / config.scaling_factor
+    original = vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        images = vae.decode(latents.to(dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(original)
+    return images.float()
+
+
+def latents_to_images(pipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode (`decode_latents`) and post-process as the pipeline would (watermark included)."""
+    images = decode_latents(pipeline.vae, latents)
+    if getattr(pipeline, "watermark", None) is not None:
+        images = pipeline.watermark.apply_watermark(images)
+    return pipeline.image_processor.postprocess(images.cpu(), output_type="pil")
+
+
+def load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dtype, revision: str | None):
     """The base's diffusion pipeline without its CLIP (the LLM + adapter replace it)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 

@@ -141,3 +141,70 @@ def test_teachers_are_frozen(sd15: CLIPTeacher, sdxl: CLIPTeacher) -> None:
 def test_unknown_kind_is_rejected(bases: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="sd15"):
         CLIPTeacher(bases["sd15"], "sd3")
+
+
+@pytest.fixture(scope="module")
+def saved_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.tiny_models import make_tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: make_tiny_sd_pipeline(root / kind, kind=kind) for kind in ("sd15", "sdxl")}
+
+
+@pytest.mark.parametrize("prompt", ["a red cube", LONG])
+def test_sdxl_teacher_equals_the_diffusers_pipelines_own_encode_prompt(saved_pipelines, prompt) -> None:
+    """Against StableDiffusionXLPipeline.encode_prompt itself (not a copy of its logic): the
+    first window and the pooled vector, for a short prompt and one past 75 tokens (which the
+    pipeline truncates to the first window)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(saved_pipelines["sdxl"])
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    out = CLIPTeacher(saved_pipelines["sdxl"], "sdxl").encode([prompt])
+    torch.testing.assert_close(out["context"][:, :76], context[:, :76].float())
+    torch.testing.assert_close(out["pooled"], pooled.float())
+
+
+def test_sd15_teacher_equals_the_diffusers_pipelines_own_encode_prompt(saved_pipelines) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(saved_pipelines["sd15"], safety_checker=None, requires_safety_checker=False)
+    with torch.no_grad():
+        context, _ = pipe.encode_prompt([SHORT, LONG], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    torch.testing.assert_close(CLIPTeacher(saved_pipelines["sd15"], "sd15").encode([SHORT, LONG])["context"], context.float())
+
+
+def test_stage1_llm_input_ends_where_the_teachers_does(bases: dict[str, Path], sd15: CLIPTeacher, sdxl: CLIPTeacher,
+                                                        tmp_path: Path) -> None:
+    """A caption past the teacher's limit: the LLM in stage 1 reads exactly the words the
+    teacher read (issue 14.4); short captions and inference are untouched."""
+    from linguadiff.models.clip_teacher import TeacherBoundedTokenizer, llm_text_for_teacher
+    from linguadiff.models.text_encoder import PromptTokenizer
+    from tests.tiny_models import make_tiny_llm
+
+    llm = PromptTokenizer(str(make_tiny_llm(tmp_path / "llm", "llama", positions=2048)), max_length=2000)
+    caption = " ".join(f"a red cube number {i} and blue" for i in range(60))  # far past 225 CLIP tokens
+    for teacher, limit in ((sd15, 75), (sdxl, 225)):
+        clip = teacher.tokenizer
+        all_ids = clip.tokenizer(caption, add_special_tokens=False, verbose=False)["input_ids"]
+        assert len(all_ids) > limit
+        tokens = TeacherBoundedTokenizer(llm, clip)([caption], [caption])
+        ids = tokens["input_ids"][0].tolist()
+        assert ids[0] == llm.bos_id
+        seen = llm.tokenizer.decode(ids[1:])  # byte-level: decodes to the exact text
+        assert caption.startswith(seen) and caption[len(seen)] == " "
+        seen_ids = clip.tokenizer(seen, add_special_tokens=False)["input_ids"]
+        next_word = caption[: caption.index(" ", len(seen) + 1)]
+        assert seen_ids == all_ids[: len(seen_ids)] and len(seen_ids) <= limit  # what the teacher read, in order
+        assert len(clip.tokenizer(next_word, add_special_tokens=False, verbose=False)["input_ids"]) > limit  # and no more
+        if teacher is sd15:  # the teacher's own ids: BOS, the same tokens, then the word it cut
+            assert clip([caption])["input_ids"][0, 1 : 1 + len(seen_ids)].tolist() == seen_ids
+        # Untouched: short captions, and the LLM without the teacher's text (inference).
+        assert TeacherBoundedTokenizer(llm, clip)(["a red cube"], ["a red cube"])["input_ids"].equal(llm(["a red cube"])["input_ids"])
+        assert TeacherBoundedTokenizer(llm, clip)([caption])["input_ids"].equal(llm([caption])["input_ids"])
+    # A parallel pair: the other language is cut at the English's fraction, at a space.
+    english, other = "one two three four", "un deux trois quatre cinq six"
+    assert llm_text_for_teacher(other, english, "one two") == "un deux"  # 7/18 of 29 characters = 11, back to a space
+    assert llm_text_for_teacher(other, english, english) == other
+    assert llm_text_for_teacher("一二三四五六七八", english, "one two") == "一二三"  # no spaces: by characters

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import generate
 import train
+from linguadiff.generation import Generator, load_pipeline
 from linguadiff.models.prompt_encoder import PromptEncoder
 from tests.test_stage1_training import assets, tiny_args  # noqa: F401  (module fixture)
 from tests.tiny_models import make_tiny_sd_pipeline
@@ -61,3 +64,71 @@ def test_demo_export_draws_with_the_pixel_pipeline(assets, tmp_path):  # noqa: F
 def test_generate_explains_a_missing_export(tmp_path, capsys):
     assert generate.main([f"run_dir={tmp_path}", "prompt=x"]) == 2
     assert "no adapter.safetensors" in capsys.readouterr().err
+
+
+class _RandomConditioning:
+    """Stands in for LLM + adapter: fp32 conditioning of the shapes the UNet reads."""
+
+    def __init__(self, unet) -> None:
+        self.width = unet.config.cross_attention_dim
+        self.pooled = (unet.config.projection_class_embeddings_input_dim or 0) - 6 * (unet.config.addition_time_embed_dim or 0)
+
+    def encode(self, prompts: list[str]) -> dict:
+        g = torch.Generator().manual_seed(len(prompts))
+        return {"context": torch.randn(len(prompts), 7, self.width, generator=g),
+                "pooled": torch.randn(len(prompts), self.pooled, generator=g) if self.pooled > 0 else None}
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("unet_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vae_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_drawing_is_dtype_safe(pipelines, kind, unet_dtype, vae_dtype):
+    """Every UNet / VAE dtype pair the code can produce draws (issue 14: a trained fp32 UNet
+    beside the presets' bf16 VAE crashed the first sample grid of every real run)."""
+    pipeline = load_pipeline(kind, str(pipelines[kind]), None, torch.float32, None)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.unet.to(unet_dtype)
+    pipeline.vae.to(vae_dtype)
+    generator = Generator(encoder=_RandomConditioning(pipeline.unet), pipeline=pipeline, kind=kind, metadata={},
+                          defaults={"steps": 2, "scheduler": "ddim", "guidance": 3.0})
+    drawn = generator(["a", "b"], negative_prompt="", num_images=1)
+    assert [im.size for _, _, im in drawn] == [(32, 32)] * 2
+    assert pipeline.vae.dtype == vae_dtype  # an upcast for decoding is undone
+    assert np.asarray(drawn[0][2]).std() > 0
+
+
+def test_qwen2_without_tokenizer_bos_uses_the_configs_for_the_empty_prompt_in_stage1_and_generation(assets, pipelines, tmp_path):  # noqa: F811
+    """The tiny Qwen2 LLM's tokenizer has no BOS, its config names <|endoftext|> (as Qwen2.5's):
+    that token goes first, the export records it, and the empty prompt the LLM reads is exactly
+    [BOS] both where stage 1 aligns it and where generation feeds it as the negative prompt."""
+    from linguadiff.config import load_config, resolve
+    from linguadiff.models.adapter import read_adapter_metadata
+    from linguadiff.models.text_encoder import LLMTextEncoder
+    from lightning_modules.stage1_alignment import Stage1Alignment
+
+    run_dir = tmp_path / "run"
+    args = tiny_args({**assets, "sd15": pipelines["sd15"]}, run_dir, **{"trainer.max_steps": 1, "trainer.val_check_interval": 1})
+    assert train.main(args) == 0
+    meta = read_adapter_metadata(run_dir / "export" / "adapter.safetensors")
+    module = Stage1Alignment.from_config(resolve(load_config(args)))
+    bos = module.text_encoder.tokenizer.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert meta["llm"]["bos"] == "auto" and meta["llm"]["bos_token_id"] == bos
+
+    def record(into):
+        return lambda _module, _args, kwargs: into.append(kwargs["input_ids"].tolist())
+
+    seen_in_stage1: list = []
+    module.text_encoder.model.register_forward_pre_hook(record(seen_in_stage1), with_kwargs=True)
+    module.empty_prompt()
+    assert seen_in_stage1 == [[[bos]]]
+
+    generator = Generator.from_run(run_dir)
+    seen_in_generation: list = []
+    generator.encoder.text_encoder.model.register_forward_pre_hook(record(seen_in_generation), with_kwargs=True)
+    generator(["a red circle"], negative_prompt="", steps=1)
+    assert seen_in_generation[0] == [[bos]]  # the negative prompt, encoded first
+    assert seen_in_generation[1][0][0] == bos
+
+    # An export written before `bos` replaced `add_bos` still loads, with the same BOS.
+    legacy = {k: v for k, v in meta["llm"].items() if k not in ("bos", "bos_token_id")} | {"add_bos": True}
+    assert LLMTextEncoder.from_settings(legacy).tokenizer.bos_id == bos

@@ -8,6 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
+import evaluate
 import generate
 import train
 from linguadiff.models.adapter import read_adapter_metadata
@@ -132,3 +133,28 @@ def test_sdxl_stage2_uses_pooled_and_time_ids(world, tmp_path):
     assert (stage2 / "export" / "unet" / "config.json").is_file()
     out = tmp_path / "out"
     assert generate.main([f"run_dir={stage2}", "prompt=a red circle", "num_images=1", "steps=2", f"out_dir={out}"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_presets_dtypes_stage2_samples_export_generate_evaluate(world, tmp_path, kind):
+    """The real presets' dtypes (model.dtype=bfloat16: bf16 VAE beside the trained fp32 UNet)
+    with a sample grid every step, then the export through generate.py and evaluate.py in
+    bf16 (issue 14: the first sample grid of every real stage-2 run crashed)."""
+    stage1 = tmp_path / "stage1"
+    assert train.main(stage_args(world, stage1, 1, kind=kind, **{"trainer.max_steps": 1, "trainer.val_check_interval": 1})) == 0
+    if kind == "sdxl":  # the per-encoder loss logs each part's cosine
+        assert scalars(stage1, "train/cosine_clip_l") and scalars(stage1, "train/cosine_clip_g")
+    stage2 = tmp_path / "stage2"
+    assert train.main(stage_args(world, stage2, 2, kind=kind, init_from=stage1,
+                                 **{"model.dtype": "bfloat16", "samples.every_n_steps": 1, "trainer.max_steps": 2,
+                                    "trainer.val_check_interval": 2})) == 0
+    assert sorted(p.name for p in (stage2 / "samples").glob("*.png")) == ["step00000001.png", "step00000002.png"]
+    assert (stage2 / "export" / "unet" / "config.json").is_file()
+    out = tmp_path / "out"
+    assert generate.main([f"run_dir={stage2}", "prompt=a red circle", "num_images=1", "steps=2", "dtype=bfloat16",
+                          "scheduler=ddim", f"out_dir={out}"]) == 0
+    assert len(list(out.glob("*.png"))) == 1
+    assert evaluate.main([f"run_dir={stage2}", "sets=[multilingual]", "languages=[en,zh]", "multilingual=parallel",
+                          "reference=none", "text=none", "num_images=1", "steps=2", "grid_prompts=2",
+                          "dtype=bfloat16", "tensorboard=false"]) == 0
+    assert (stage2 / "eval" / "metrics.json").is_file()

@@ -26,6 +26,7 @@ def llm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("llms")
     paths = {kind: make_tiny_llm(root / kind, kind, hidden=HIDDEN, layers=LAYERS) for kind in KINDS}
     paths["llama_no_auto_bos"] = make_tiny_llm(root / "llama_no_auto_bos", "llama", tokenizer_adds_bos=False)
+    paths["qwen2_no_config_bos"] = make_tiny_llm(root / "qwen2_no_config_bos", "qwen2", config_bos=False)
     return paths
 
 
@@ -97,7 +98,7 @@ def _bos_count(tokenizer: PromptTokenizer, ids: torch.Tensor, mask: torch.Tensor
 
 
 def _tokenizer_adds_nothing(path: str) -> bool:
-    raw = PromptTokenizer(path, add_bos=False).tokenizer
+    raw = PromptTokenizer(path, bos="none").tokenizer
     return raw("a")["input_ids"] == raw("a", add_special_tokens=False)["input_ids"]
 
 
@@ -119,13 +120,40 @@ def test_bos_prepended_when_tokenizer_does_not_add_it(llm_paths: dict[str, Path]
     assert torch.equal(tokens["input_ids"], PromptTokenizer(str(llm_paths["llama"]))(PROMPTS)["input_ids"])
 
 
-def test_add_bos_false_gives_no_bos(llm_paths: dict[str, Path]) -> None:
-    tokenizer = PromptTokenizer(str(llm_paths["llama"]), add_bos=False)
-    tokens = tokenizer(PROMPTS)
-    assert _bos_count(tokenizer, tokens["input_ids"], tokens["attention_mask"]) == [0, 0]
+def test_bos_none_gives_no_bos(llm_paths: dict[str, Path]) -> None:
+    bos = PromptTokenizer(str(llm_paths["llama"])).bos_id
+    for kind in ("llama", "qwen2"):
+        tokenizer = PromptTokenizer(str(llm_paths[kind]), bos="none")
+        assert tokenizer.bos_id is None
+        tokens = tokenizer(PROMPTS)
+        assert [int(((row == bos) & m.bool()).sum()) for row, m in zip(tokens["input_ids"], tokens["attention_mask"])] == [0, 0]
 
 
-@pytest.mark.parametrize("kind", ("qwen2", "t5"))
+def test_qwen2_tokenizer_without_bos_gets_the_configs(llm_paths: dict[str, Path]) -> None:
+    """Qwen2.5's tokenizer has no BOS, its config names <|endoftext|>: auto puts that first,
+    and the empty prompt is exactly that one token (issue 14.3)."""
+    tokenizer = PromptTokenizer(str(llm_paths["qwen2"]))
+    raw = tokenizer.tokenizer
+    assert raw.bos_token_id is None
+    assert tokenizer.bos_id == raw.convert_tokens_to_ids("<|endoftext|>") and tokenizer.bos_source == "config"
+    plain = raw("a red cube", add_special_tokens=False)["input_ids"]
+    assert tokenizer(["a red cube"])["input_ids"][0].tolist() == [tokenizer.bos_id, *plain]
+    empty = tokenizer([""])
+    assert empty["input_ids"].tolist() == [[tokenizer.bos_id]] and empty["attention_mask"].tolist() == [[1]]
+    assert PromptTokenizer(str(llm_paths["qwen2"]), max_length=4)(["abcdefgh"])["input_ids"].shape == (1, 4)
+
+
+def test_bos_setting_maps_the_former_add_bos() -> None:
+    from linguadiff.models.text_encoder import bos_setting
+
+    assert bos_setting({"add_bos": True}) == "auto" and bos_setting({"add_bos": False}) == "none"
+    assert bos_setting({"bos": "none"}) == "none" and bos_setting({}) == "auto"
+    assert bos_setting({"bos": "auto", "add_bos": False}) == "none"  # an old run config merged over today's defaults
+    with pytest.raises(ValueError, match="llm.bos"):
+        bos_setting({"bos": "yes"})
+
+
+@pytest.mark.parametrize("kind", ("qwen2_no_config_bos", "t5"))
 def test_models_without_bos_get_none(llm_paths: dict[str, Path], kind: str) -> None:
     tokenizer = PromptTokenizer(str(llm_paths[kind]))
     assert tokenizer.bos_id is None
@@ -144,7 +172,7 @@ def test_missing_pad_token_uses_eos_without_changing_vocab(llm_paths: dict[str, 
 
 
 def test_empty_prompt_keeps_one_real_token(llm_paths: dict[str, Path]) -> None:
-    tokens = PromptTokenizer(str(llm_paths["qwen2"]))(["", ""])
+    tokens = PromptTokenizer(str(llm_paths["qwen2"]), bos="none")(["", ""])
     assert tokens["input_ids"].shape == (2, 1) and tokens["attention_mask"].all()
 
 
@@ -243,3 +271,28 @@ def test_prompt_tokenizer_from_a_tokenizer_only_folder(tmp_path):
     tokenizer = PromptTokenizer(str(tmp_path), max_length=8)
     ids = tokenizer(["a red circle", "x"])["input_ids"]
     assert ids.shape == (2, 8) and ids[0, 0].item() == tokenizer.bos_id
+
+
+def test_baichuan2_is_refused_before_its_remote_code_runs(tmp_path: Path, capsys) -> None:
+    """Issue 14.5: Baichuan2's remote code does not load with transformers 5; the preset stops
+    at start with a plain message naming what to use instead, and none of its code runs."""
+    import json
+
+    import train
+    from linguadiff.config import ConfigError
+
+    folder = tmp_path / "Baichuan2-7B-Chat"
+    folder.mkdir()
+    marker = tmp_path / "remote-code-ran"
+    (folder / "configuration_baichuan.py").write_text(f"open({str(marker)!r}, 'w').close()\n", encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "baichuan", "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig"}}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="llm=qwen2.5-7b"):
+        LLMTextEncoder(str(folder), trust_remote_code=True)
+    with pytest.raises(ConfigError, match="Baichuan2"):
+        PromptTokenizer(str(folder), trust_remote_code=True)
+    assert train.main(["llm=baichuan2-7b", f"llm.path={folder}", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not load with transformers" in err and "llm=qwen2.5-7b" in err
+    assert not marker.exists()

@@ -261,9 +261,10 @@ def test_skip_warnings_are_rate_limited(caplog):
 class LengthTokenizer:
     """Picklable stand-in for a tokenizer; records which process ran it."""
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: list[str], teacher_texts: list[str] | None = None) -> dict[str, torch.Tensor]:
         return {
             "input_ids": torch.tensor([len(text) for text in texts]),
+            "teacher_lengths": torch.tensor([len(text) for text in teacher_texts or []]),
             "pid": torch.tensor([os.getpid()]),
         }
 
@@ -277,6 +278,8 @@ def test_tokenizers_run_in_workers(tmp_path):
         tokens = batch[f"{role}_tokens"]
         assert tokens["input_ids"].tolist() == [len(text) for text in batch[f"{role}_text"]]
         assert tokens["pid"].item() != os.getpid()
+    # The student's tokenizer also gets the teacher's text (stage 1 bounds the LLM's input by it).
+    assert batch["student_tokens"]["teacher_lengths"].tolist() == [len(text) for text in batch["teacher_text"]]
     with pytest.raises(ValueError, match="unknown tokenizer role"):
         dm.set_tokenizers({"techer": LengthTokenizer()})
 

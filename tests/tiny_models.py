@@ -62,6 +62,8 @@ def make_tiny_llm(
     layers: int = 2,
     heads: int = 4,
     tokenizer_adds_bos: bool | None = None,
+    config_bos: bool = True,
+    positions: int = 128,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random LLM and its tokenizer to ``path``; return ``path``.
@@ -71,7 +73,9 @@ def make_tiny_llm(
       - ``"llama"``: ``<s>`` BOS added by the tokenizer (Llama 2/3), no pad token (Llama 3).
         ``tokenizer_adds_bos=False`` keeps the BOS token but stops adding it, as some
         SentencePiece configurations (Baichuan2) do.
-      - ``"qwen2"``: no BOS token at all, pad = eos = ``<|endoftext|>`` (Qwen2.5).
+      - ``"qwen2"``: no BOS token in the tokenizer, pad = eos = ``<|endoftext|>``, and as
+        in Qwen2.5's config.json the model config's ``bos_token_id`` is ``<|endoftext|>``
+        (``config_bos=False`` leaves it out).
       - ``"t5"``: no BOS, ``</s>`` appended, ``<pad>`` = 0 (T5 / mT5), saved as the full
         encoder-decoder checkpoint.
     ``vocab`` is the model's embedding size (at least the 259 tokens the tokenizer has;
@@ -131,8 +135,8 @@ def make_tiny_llm(
                 num_hidden_layers=layers,
                 num_attention_heads=heads,
                 num_key_value_heads=max(1, heads // 2),
-                max_position_embeddings=128,
-                bos_token_id=token_id("bos_token"),
+                max_position_embeddings=positions,
+                bos_token_id=ids["<|endoftext|>"] if kind == "qwen2" and config_bos else token_id("bos_token"),
                 eos_token_id=token_id("eos_token"),
                 pad_token_id=token_id("pad_token"),
             )

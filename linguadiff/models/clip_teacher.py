@@ -28,6 +28,7 @@ pipelines pass no attention mask to CLIP (causal attention only), and neither do
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +37,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from linguadiff.models.frozen import freeze
+from linguadiff.models.losses import ContextPart
 from linguadiff.models.text_encoder import torch_dtype
 
 TeacherKind = Literal["sd15", "sdxl"]
@@ -80,6 +82,39 @@ class CLIPPromptTokenizer:
             return {"input_ids": ids}
         return {"input_ids": self._windows(self.tokenizer, texts), "input_ids_2": self._windows(self.tokenizer_2, texts)}
 
+    @property
+    def prompt_token_limit(self) -> int:
+        """Prompt tokens the teacher reads (BOS/EOS aside): 75 (sd15) or 3 x 75 = 225 (sdxl)."""
+        return self.window if self.kind == "sd15" else SDXL_WINDOWS * self.window
+
+    def visible_text(self, texts: list[str]) -> list[str]:
+        """Each text cut where the teacher stops reading it (whole when it fits).
+
+        The cut falls at the end of the last whitespace-separated word whose tokens all fit:
+        CLIP's BPE never merges across whitespace, so the cut text's tokens are exactly the
+        first tokens the teacher read (a word split by the teacher's limit is left out). A
+        text whose first word is already too long is cut by characters. Both SDXL
+        tokenizers share CLIP's vocabulary, so the first one counts for both.
+        """
+        limit = self.prompt_token_limit
+        texts = list(texts)
+        counts = self._count(texts)
+        return [text if n <= limit else self._cut(text, limit) for text, n in zip(texts, counts)]
+
+    def _count(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+    def _cut(self, text: str, limit: int) -> str:
+        ends = [m.end() for m in re.finditer(r"\S+", text)]
+        fits = _last_fitting(ends, lambda end: self._count([text[:end]])[0] <= limit)
+        if fits is not None:
+            return text[:fits]
+        first = ends[0] if ends else len(text)
+        fits = _last_fitting(list(range(1, first + 1)), lambda end: self._count([text[:end]])[0] <= limit)
+        return text[:fits] if fits is not None else ""
+
     def _windows(self, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
         """``[B, 3, 77]``: per window ``BOS + up to 75 tokens + EOS``, then that tokenizer's pad."""
         content = tokenizer(
@@ -92,6 +127,61 @@ class CLIPPromptTokenizer:
                 window = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
                 out[b, w, : len(window)] = torch.tensor(window, dtype=torch.long)
         return out
+
+
+def _last_fitting(candidates: list[int], fits) -> int | None:
+    """The last of the increasing `candidates` for which the monotone `fits` holds (binary search)."""
+    low, high, best = 0, len(candidates) - 1, None
+    while low <= high:
+        mid = (low + high) // 2
+        if fits(candidates[mid]):
+            best, low = candidates[mid], mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def llm_text_for_teacher(llm_text: str, teacher_text: str, teacher_visible: str) -> str:
+    """What stage 1 feeds the LLM so that it reads what the teacher read.
+
+    The teacher sees at most 75 (SD1.5) or 225 (SDXL) prompt tokens; an LLM reading the
+    whole caption would be taught that whatever follows the teacher's limit means nothing.
+    Same text on both sides: the LLM gets exactly the part the teacher saw. A parallel
+    pair (English to the teacher, another language to the LLM) has no token alignment, so
+    the other text is cut at the same fraction of its characters as the English was (at
+    the preceding whitespace, when it has any): translations keep the order of content
+    roughly, not exactly. Texts the teacher read whole are left as they are.
+    """
+    if teacher_visible == teacher_text:
+        return llm_text
+    if llm_text == teacher_text:
+        return teacher_visible
+    cut = round(len(llm_text) * len(teacher_visible) / max(len(teacher_text), 1))
+    space = llm_text.rfind(" ", 0, cut + 1)
+    return llm_text[: space if space > 0 else cut].rstrip()
+
+
+class TeacherBoundedTokenizer:
+    """Stage 1's LLM tokenizer: a `PromptTokenizer` fed only what the teacher read of each
+    pair (`llm_text_for_teacher`); picklable and model-free like both tokenizers it holds.
+
+    ``__call__(texts, teacher_texts)``; without ``teacher_texts`` (inference-like use) the
+    texts go to the LLM whole, up to its own ``max_length``.
+    """
+
+    def __init__(self, student, teacher: CLIPPromptTokenizer) -> None:
+        self.student = student
+        self.teacher = teacher
+
+    def bounded(self, texts: list[str], teacher_texts: list[str]) -> list[str]:
+        texts, teacher_texts = list(texts), list(teacher_texts)
+        if len(texts) != len(teacher_texts):
+            raise ValueError(f"{len(texts)} LLM texts for {len(teacher_texts)} teacher texts")
+        visible = self.teacher.visible_text(teacher_texts)
+        return [llm_text_for_teacher(t, e, v) for t, e, v in zip(texts, teacher_texts, visible)]
+
+    def __call__(self, texts: list[str], teacher_texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        return self.student(texts if teacher_texts is None else self.bounded(texts, teacher_texts))
 
 
 def _encode_unique_windows(encoder: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,6 +237,14 @@ class CLIPTeacher(nn.Module):
     def context_dim(self) -> int:
         width = self.text_encoder.config.hidden_size
         return width + self.text_encoder_2.config.hidden_size if self.text_encoder_2 is not None else width
+
+    @property
+    def context_parts(self) -> tuple[ContextPart, ...]:
+        """Which encoder each slice of the context's width comes from (SDXL: CLIP-L, then bigG)."""
+        first = ContextPart("clip_l", self.text_encoder.config.hidden_size)
+        if self.text_encoder_2 is None:
+            return (first,)
+        return first, ContextPart("clip_g", self.text_encoder_2.config.hidden_size)
 
     @property
     def pooled_dim(self) -> int | None:

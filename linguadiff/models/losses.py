@@ -3,6 +3,8 @@ and the retrieval recall that validation and evaluation report."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,22 +36,75 @@ def mse_loss(student: torch.Tensor, teacher: torch.Tensor, norm_weight: float = 
 ALIGNMENT_LOSSES = {"cos_len": cos_len_loss, "mse": mse_loss}
 
 
-def alignment_loss(
-    student: dict[str, torch.Tensor | None],
-    teacher: dict[str, torch.Tensor | None],
-    loss_type: str = "cos_len",
-    norm_weight: float = 2e-5,
-    pooled_weight: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """Stage 1's objective on ``{"context", "pooled"}`` outputs: the context term, plus
-    `pooled_weight` x the pooled term where both sides have one (SDXL)."""
-    loss_fn = ALIGNMENT_LOSSES[loss_type]
-    out = loss_fn(student["context"], teacher["context"], norm_weight)
-    if teacher.get("pooled") is not None and student.get("pooled") is not None:
-        pooled = loss_fn(student["pooled"], teacher["pooled"], norm_weight)
-        out["loss"] = out["loss"] + pooled_weight * pooled["loss"]
-        out["pooled_cosine"] = pooled["cosine"]
-    return out
+@dataclass(frozen=True)
+class ContextPart:
+    """One text encoder's slice of the teacher's context features (SDXL: CLIP-L 768 | bigG 1280)."""
+
+    name: str
+    width: int
+
+
+@dataclass(frozen=True)
+class AlignmentLoss:
+    """The stage-1 loss over the teacher's whole output: context, per encoder part, plus pooled.
+
+    The paper's code computes cos-len separately on the CLIP-L (768) and the OpenCLIP-bigG
+    (1280) slices of SDXL's 2048-wide context and adds the pooled term. One cosine over the
+    joined vector instead weights each slice by its squared norm, so the smaller-norm
+    encoder's features can be under-fit while the logged cosine looks fine. `per_encoder`
+    (the default) follows the paper: sum over parts of `part_weights[i]` x loss(slice i);
+    off, one loss runs over the joined vector. With one part (SD1.5) both are the same.
+
+    ``__call__(student, teacher)`` takes the ``{"context", "pooled"}`` dicts and returns
+    ``loss``, ``cosine`` and ``norm_mse`` over the joined context (comparable with any
+    setting), ``part_cosines`` ({part name: cosine}, when there are several parts) and
+    ``pooled_cosine`` (when both sides have a pooled vector).
+    """
+
+    parts: tuple[ContextPart, ...]
+    kind: str = "cos_len"
+    norm_weight: float = 2e-5
+    pooled_weight: float = 1.0
+    per_encoder: bool = True
+    part_weights: tuple[float, ...] | None = None  # None: 1 each
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALIGNMENT_LOSSES:
+            raise ValueError(f"alignment loss must be one of {sorted(ALIGNMENT_LOSSES)}, got {self.kind!r}")
+        if self.part_weights is not None and len(self.part_weights) != len(self.parts):
+            names = [p.name for p in self.parts]
+            raise ValueError(f"{len(self.part_weights)} encoder weights for {len(self.parts)} context parts {names}")
+
+    @property
+    def loss_fn(self) -> Callable[..., dict[str, torch.Tensor]]:
+        return ALIGNMENT_LOSSES[self.kind]
+
+    def context(self, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+        joint = self.loss_fn(student, teacher, self.norm_weight)
+        if len(self.parts) < 2:
+            return joint
+        widths = [p.width for p in self.parts]
+        if sum(widths) != teacher.shape[-1]:
+            raise ValueError(f"context parts {widths} do not add up to the teacher's width {teacher.shape[-1]}")
+        weights = self.part_weights or (1.0,) * len(self.parts)
+        out = dict(joint)
+        out["part_cosines"] = {}
+        total = 0.0
+        for part, weight, s, t in zip(self.parts, weights, student.split(widths, -1), teacher.split(widths, -1)):
+            piece = self.loss_fn(s, t, self.norm_weight)
+            total = total + weight * piece["loss"]
+            out["part_cosines"][part.name] = piece["cosine"]
+        if self.per_encoder:
+            out["loss"] = total
+        return out
+
+    def __call__(self, student: dict, teacher: dict) -> dict:
+        out = self.context(student["context"], teacher["context"])
+        if teacher.get("pooled") is not None and student.get("pooled") is not None:
+            pooled = self.loss_fn(student["pooled"], teacher["pooled"], self.norm_weight)
+            out["loss"] = out["loss"] + self.pooled_weight * pooled["loss"]
+            out["pooled_cosine"] = pooled["cosine"]
+        return out
 
 
 def token_cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,3 +151,22 @@ def retrieval_recall(outputs: list[dict[str, Any]], pool_size: int) -> dict[str,
             metrics[f"recall@{k}/non_english"] = sum(metrics[f"recall@{k}/{l}"] for l in non_english) / len(non_english)
     metrics["recall_pool_size"] = float(len(keys))
     return metrics
+def alignment_loss_from_config(loss_cfg, parts: Sequence[ContextPart]) -> AlignmentLoss:
+    """The config's `loss` section (configs/base.yaml) -> `AlignmentLoss`; keys added later
+    default as in base.yaml, so configs of older runs still build."""
+    from linguadiff.config import ConfigError
+
+    if loss_cfg["type"] not in ALIGNMENT_LOSSES:
+        raise ConfigError(f"config key 'loss.type' must be one of {sorted(ALIGNMENT_LOSSES)}, got {loss_cfg['type']!r}")
+    weights = loss_cfg.get("encoder_weights")
+    if weights is not None and len(weights) != len(parts):
+        raise ConfigError(f"config key 'loss.encoder_weights' needs {len(parts)} weights, one per context part "
+                          f"{[p.name for p in parts]}, got {list(weights)}")
+    return AlignmentLoss(
+        parts=tuple(parts),
+        kind=loss_cfg["type"],
+        norm_weight=float(loss_cfg["norm_weight"]),
+        pooled_weight=float(loss_cfg["pooled_weight"]),
+        per_encoder=bool(loss_cfg.get("per_encoder", True)),
+        part_weights=None if weights is None else tuple(float(w) for w in weights),
+    )

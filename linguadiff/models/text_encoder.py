@@ -14,11 +14,13 @@ layers are an option here (``layers``, ``layer_mix``).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import __version__ as transformers_version
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -26,10 +28,11 @@ from transformers import (
     AutoModelForTextEncoding,
     AutoTokenizer,
     PretrainedConfig,
-    PreTrainedTokenizerBase,
 )
 
 from linguadiff.models.frozen import freeze
+
+log = logging.getLogger(__name__)
 
 LayerMix = Literal["mean", "concat"]
 
@@ -48,58 +51,114 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
+def _config_bos(config: PretrainedConfig | None) -> int | None:
+    """A decoder-only model config's BOS id inside its vocabulary, or None (encoders: their
+    config's ids are for the decoder)."""
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    bos = getattr(config, "bos_token_id", None)
+    if isinstance(bos, (list, tuple)):
+        bos = bos[0] if len(bos) == 1 else None
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(bos, int) or bos < 0 or (isinstance(vocab, int) and bos >= vocab):
+        return None
+    return bos
+
+
+BosSetting = Literal["auto", "none"]
+BOS_SETTINGS = ("auto", "none")
+
+
+def bos_setting(settings: Mapping[str, Any]) -> BosSetting:
+    """The `llm.bos` setting of a config's `llm` section or an export's `llm` metadata.
+
+    Exports and run configs written before `bos` replaced `add_bos` (a bool) carry
+    `add_bos`: true meant "BOS when the tokenizer knows one" (now `auto`), false `none`.
+    Where both are present (an old run config merged over today's defaults) the old
+    run's own `add_bos` is what it trained with.
+    """
+    if settings.get("add_bos") is not None:
+        return "auto" if settings["add_bos"] else "none"
+    value = settings.get("bos", "auto")
+    if value not in BOS_SETTINGS:
+        raise ValueError(f"llm.bos must be one of {BOS_SETTINGS}, got {value!r}")
+    return value
+
+
 class PromptTokenizer:
     """Tokenize prompts for an LLM text encoder: ``BOS + prompt``, right-padded, no chat template.
 
     ``__call__(texts) -> {"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T]}``
     with ``T`` the longest prompt in the batch (at most ``max_length``).
 
-    BOS: the paper feeds ``BOS + prompt``. A tokenizer that adds BOS itself (Llama) is used
-    as is; one that has a BOS token but does not add it gets it prepended when ``add_bos``;
-    a model without a BOS token (T5, Qwen2) gets none. With ``add_bos=False`` there is never
-    a BOS. Other special tokens the tokenizer adds (T5's trailing ``</s>``) are kept, since
-    that is how the model saw text in training.
+    BOS (``bos``): the paper feeds ``BOS + prompt``. With ``"auto"``, a tokenizer that adds
+    BOS itself (Llama, Gemma) is used as is; one that has a BOS token but does not add it
+    (Baichuan2) gets it prepended; one with no BOS token whose model config names one
+    (Qwen2/2.5: ``bos_token_id`` = ``<|endoftext|>``, the token that starts every document
+    in its pre-training stream) gets the config's; otherwise (T5, an encoder) none. Without
+    a BOS the first word of the prompt becomes the attention sink and its features go
+    strange. With ``"none"`` there is never a BOS. ``bos_id`` is the id put first, or None.
+    Other special tokens the tokenizer adds (T5's trailing ``</s>``) are kept, since that
+    is how the model saw text in training. The empty prompt is then exactly ``[bos_id]``:
+    stage 1 aligns it and generation feeds it as the default negative prompt.
 
     Padding uses the pad token, else eos, else unk (the vocabulary is never changed; the
     id only has to exist, as padded positions are masked). A prompt that yields no token
-    at all (an empty caption with a tokenizer that adds nothing, Qwen2) gets one pad token
-    marked as real, so every row has something to attend to downstream.
+    at all (an empty caption, no BOS) gets one pad token marked as real, so every row has
+    something to attend to downstream.
     """
 
     def __init__(
         self,
         path_or_name: str,
         max_length: int = 256,
-        add_bos: bool = True,
+        bos: BosSetting | bool = "auto",
         trust_remote_code: bool = False,
         revision: str | None = None,
     ) -> None:
+        if isinstance(bos, bool):  # the former add_bos
+            bos = "auto" if bos else "none"
+        if bos not in BOS_SETTINGS:
+            raise ValueError(f"bos must be one of {BOS_SETTINGS}, got {bos!r}")
         self.path_or_name = str(path_or_name)
+        check_llm_supported(self.path_or_name, revision)
+        self.bos: BosSetting = bos
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.path_or_name, trust_remote_code=trust_remote_code, revision=revision
         )
         tok = self.tokenizer
-        self.bos_id: int | None = tok.bos_token_id
+        config = self._model_config(trust_remote_code, revision)
+        tokenizer_bos = tok.bos_token_id
         probe = tok("a", add_special_tokens=True)["input_ids"]
-        adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
+        adds_bos = tokenizer_bos is not None and len(probe) > 0 and probe[0] == tokenizer_bos
+        #: where the BOS comes from: "tokenizer" (added by it), "prepended" (its token, added
+        #: here), "config" (the model config's bos_token_id), or None
+        self.bos_source: str | None = None
+        if bos == "auto":
+            if adds_bos:
+                self.bos_source = "tokenizer"
+            elif tokenizer_bos is not None:
+                self.bos_source = "prepended"
+            elif _config_bos(config) is not None:
+                self.bos_source = "config"
+        self.bos_id: int | None = {"tokenizer": tokenizer_bos, "prepended": tokenizer_bos, "config": _config_bos(config)}.get(
+            self.bos_source
+        )
         # Exactly one of these can be true: prepend when wanted but missing, strip when unwanted.
-        self.prepend_bos = add_bos and self.bos_id is not None and not adds_bos
-        self.strip_bos = not add_bos and adds_bos
+        self.prepend_bos = self.bos_source in ("prepended", "config")
+        self.strip_bos = bos == "none" and adds_bos
         pad_candidates = (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id)
         self.pad_id: int = next((i for i in pad_candidates if i is not None), 0)
-        self.max_length = min(max_length, *self._known_limits(tok, trust_remote_code, revision))
+        limits = [tok.model_max_length, getattr(config, "max_position_embeddings", None)]
+        self.max_length = min(max_length, *[n for n in limits if isinstance(n, int) and 0 < n < _SANE_LENGTH_LIMIT])
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {self.max_length}")
 
-    def _known_limits(self, tok: PreTrainedTokenizerBase, trust_remote_code: bool, revision: str | None) -> list[int]:
-        """The tokenizer's and the model's length limits, where they are known and sane."""
-        limits = [tok.model_max_length]
+    def _model_config(self, trust_remote_code: bool, revision: str | None) -> PretrainedConfig | None:
         try:
-            config = AutoConfig.from_pretrained(self.path_or_name, trust_remote_code=trust_remote_code, revision=revision)
-        except (OSError, ValueError):  # a tokenizer-only folder (transformers 5 raises ValueError): no model limit
-            config = None
-        limits.append(getattr(config, "max_position_embeddings", None))
-        return [n for n in limits if isinstance(n, int) and 0 < n < _SANE_LENGTH_LIMIT]
+            return AutoConfig.from_pretrained(self.path_or_name, trust_remote_code=trust_remote_code, revision=revision)
+        except (OSError, ValueError):  # a tokenizer-only folder (transformers 5 raises ValueError): no model config
+            return None
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if isinstance(texts, str):
@@ -120,6 +179,39 @@ class PromptTokenizer:
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# LLMs whose published loading code is known not to work with the transformers this project
+# installs (5.x), by the `model_type` of their config.json: what fails, and what to use instead.
+UNSUPPORTED_LLMS = {
+    "baichuan": (
+        "Baichuan2 (the paper's LLM) loads only through the remote code in its model repository, "
+        "written for transformers 4.33: its tokenizer fails from transformers 4.34 on ('BaichuanTokenizer' "
+        "object has no attribute 'sp_model', baichuan-inc/Baichuan2#204, #226), and transformers 5 loads "
+        "4.x-era remote models differently (weights initialised after loading, non-persistent RoPE "
+        "buffers), which can give wrong features without any error. This project needs transformers 5, "
+        "so it refuses it rather than train on features it cannot check. Use llm=qwen2.5-7b (multilingual, "
+        "Chinese and English included, loaded by transformers' own code) or another LLM preset"
+    ),
+}
+
+
+def check_llm_supported(path_or_name: str, revision: str | None = None) -> None:
+    """Refuse an LLM from `UNSUPPORTED_LLMS` before any of its code runs, saying what to use instead.
+
+    Reads only config.json (no remote code executes). A folder or name without one is left
+    to `from_pretrained`, whose own error is clearer.
+    """
+    from linguadiff.config import ConfigError
+
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(str(path_or_name), revision=revision)
+    except (OSError, ValueError):
+        return
+    model_type = str(raw.get("model_type", "")).lower()
+    if model_type in UNSUPPORTED_LLMS:
+        raise ConfigError(f"llm.path={path_or_name} (model_type {model_type!r}) does not load with transformers "
+                          f"{transformers_version}: {UNSUPPORTED_LLMS[model_type]}.")
 
 
 def _load_backbone(
@@ -168,7 +260,7 @@ class LLMTextEncoder(nn.Module):
         max_length: int = 256,
         layers: tuple[int, ...] | list[int] = (-1,),
         layer_mix: LayerMix = "mean",
-        add_bos: bool = True,
+        bos: BosSetting | bool = "auto",
         trust_remote_code: bool = False,
         revision: str | None = None,
         device: torch.device | None = None,
@@ -179,9 +271,10 @@ class LLMTextEncoder(nn.Module):
         if len(layers) == 0:
             raise ValueError("layers must name at least one hidden state, e.g. (-1,)")
         self._name = str(path_or_name)
+        check_llm_supported(self._name, revision)
         config = AutoConfig.from_pretrained(self._name, trust_remote_code=trust_remote_code, revision=revision)
         self.model = freeze(_load_backbone(config, self._name, torch_dtype(dtype), trust_remote_code, revision, device))
-        self._tokenizer = PromptTokenizer(self._name, max_length, add_bos, trust_remote_code, revision)
+        self._tokenizer = PromptTokenizer(self._name, max_length, bos, trust_remote_code, revision)
 
         # hidden_states holds the embeddings plus one entry per layer.
         self.num_hidden_states = self.model.config.num_hidden_layers + 1
@@ -198,18 +291,25 @@ class LLMTextEncoder(nn.Module):
     def from_settings(
         cls, settings: Mapping[str, Any], path: str | None = None, dtype: str | None = None, device: torch.device | None = None
     ) -> "LLMTextEncoder":
-        """Build from the config's `llm` section or an export's `llm` metadata (same keys)."""
-        return cls(
+        """Build from the config's `llm` section or an export's `llm` metadata (same keys;
+        an older export's `add_bos` is read as `bos`, see `bos_setting`)."""
+        encoder = cls(
             path or settings["path"],
             dtype=dtype or settings["dtype"],
             max_length=settings["max_length"],
             layers=tuple(settings["layers"]),
             layer_mix=settings["layer_mix"],
-            add_bos=settings["add_bos"],
+            bos=bos_setting(settings),
             trust_remote_code=settings["trust_remote_code"],
             revision=settings.get("revision"),
             device=device,
         )
+        recorded = settings.get("bos_token_id", encoder.tokenizer.bos_id)
+        if recorded != encoder.tokenizer.bos_id:
+            log.warning("The adapter was trained with BOS id %s first, but %s's tokenizer now gives %s: its outputs "
+                        "will differ from training's (another tokenizer version or llm path?)",
+                        recorded, encoder.name, encoder.tokenizer.bos_id)
+        return encoder
 
     @property
     def tokenizer(self) -> PromptTokenizer:
