@@ -47,16 +47,18 @@ Problems = list[str]
 ExtraCheck = Callable[[DictConfig], Iterable[str]]
 
 
-def check_settings(cfg: DictConfig, extra: Iterable[ExtraCheck] = ()) -> None:
-    """Raise ConfigError listing every setting of the resolved `cfg` that cannot work."""
-    problems = settings_problems(cfg)
+def check_settings(cfg: DictConfig, extra: Iterable[ExtraCheck] = (), training: bool = True) -> None:
+    """Raise ConfigError listing every setting of the resolved `cfg` that cannot work.
+    `training=False` (tools that only read the config's models and data, like
+    scripts/cache_features.py) leaves out what only a training run needs (init_from)."""
+    problems = settings_problems(cfg, training)
     for check in extra:
         problems += list(check(cfg))
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def settings_problems(cfg: DictConfig) -> Problems:
+def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     """Every problem in the resolved `cfg`, one sentence each (empty: all fine)."""
     p: Problems = []
     c = _Checker(cfg, p)
@@ -166,7 +168,7 @@ def settings_problems(cfg: DictConfig) -> Problems:
         p.append(f"config key 'cache.splits' may hold train and val, got {_show(splits)}")
 
     # where a stage starts from
-    if stage in (2, 3):  # the export's header only (its metadata), no weights
+    if training and stage in (2, 3):  # the export's header only (its metadata), no weights
         from linguadiff.export import init_export
 
         try:
