@@ -75,7 +75,8 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         p.append(f"config key 'llm.layers' must be a non-empty list of layer indices (-1: the last), got {_show(layers)}")
     c.choice("llm.layer_mix", LAYER_MIXES)
-    _check_resolution(cfg, p)
+    if stage in (2, 3):  # stage 1 reads text only
+        _check_resolution(cfg, p)
 
     # adapter shape
     for key in ("dim", "num_queries", "heads", "ffn_dim", "decoder_layers"):

@@ -54,7 +54,7 @@ BAD = [
     ("trainer.val_check_interval=0", "trainer.val_check_interval", ">= 1"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches", ">= 1"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val", ">= 0 or null"),
-    ("model.resolution=15", "model.resolution", "multiple of 2"),
+    ("stage=2 model.resolution=15", "model.resolution", "multiple of 2"),
     ("llm.layer_mix=sum", "llm.layer_mix", "mean | concat"),
     ("llm.max_length=0", "llm.max_length", ">= 1"),
     ("llm.layers=[]", "llm.layers", "non-empty list"),
@@ -87,7 +87,7 @@ def test_a_bad_setting_fails_before_any_model_loads(shards, tmp_path, capsys, mo
     monkeypatch.setattr(lightning_modules, "stage_class", no_model)
     run_dir = tmp_path / "run"
     argv = [f"data.train.urls={shards['train']}", f"data.val.urls={shards['val']}", f"run_dir={run_dir}",
-            "llm.path=/nonexistent/llm", override]  # an LLM that could never load: the settings error comes first
+            "llm.path=/nonexistent/llm", *override.split()]  # an LLM that could never load: the settings error comes first
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
