@@ -111,6 +111,8 @@ def _identity(key: str, value):
     """What must stay equal across relaunches: the value itself, the strategy's family."""
     if key == "trainer.strategy":
         return STRATEGY_FAMILIES.get(value, value)
+    if key == "train.trainable" and value is not None:
+        return sorted(value)  # a set of parts: [unet, adapter] is [adapter, unet]
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 

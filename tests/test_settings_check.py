@@ -201,6 +201,12 @@ def test_a_relaunch_may_change_how_long_and_how_fast(shards, tmp_path, change, c
     assert change.split("=")[0] in caplog.text  # listed among the changed settings
 
 
+def test_trainable_parts_are_a_set(shards, tmp_path):
+    run_dir = f"run_dir={tmp_path / 'run'}"
+    RunDir.prepare(config(shards, run_dir, "stage=2", "train.trainable=[adapter,unet]"))
+    RunDir.prepare(config(shards, run_dir, "stage=2", "train.trainable=[unet,adapter]"))
+
+
 def test_strategy_change_says_why(shards, tmp_path):
     run_dir = f"run_dir={tmp_path / 'run'}"
     RunDir.prepare(config(shards, run_dir, "trainer.strategy=ddp"))
