@@ -161,8 +161,18 @@ def test_sdxl_shaped_base_trains_context_and_pooled(assets, tmp_path):
 
 
 def test_relaunch_refuses_a_changed_experiment_but_resumes_a_longer_one(assets, tmp_path, capsys):
+    import lightning as L
+
+    from linguadiff.settings_check import STAGE_PARTS
+
+    class Parts(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.names = {name for name, _ in pl_module.named_children()}
+
+    parts = Parts()
     run_dir = tmp_path / "run"
-    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 3})) == 0
+    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 3}), extra_callbacks=(parts,)) == 0
+    assert parts.names == set(STAGE_PARTS[1])  # what the settings check lets train.trainable name
     capsys.readouterr()
     for key, value in [("llm.max_length", 32), ("diffusion.prediction_type", "epsilon"),
                        ("train.trainable", "[adapter,text_encoder]")]:
