@@ -14,8 +14,9 @@ import os
 import sys
 import warnings
 
-from datamodules import build_datamodule  # importing datamodules registers ${demo_shards:...}: before resolve
+from datamodules import build_datamodule, shard_problems  # importing datamodules registers ${demo_shards:...}: before resolve
 from linguadiff.config import ConfigError, load_config, resolve
+from linguadiff.settings_check import check_settings
 
 
 def setup_logging() -> None:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers run in the data workers
     try:
         cfg = resolve(load_config(sys.argv[1:] if argv is None else argv))
+        check_settings(cfg, extra=[shard_problems])  # ranges, choices, shard paths: before any model loads
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -41,6 +41,29 @@ def shard_spec(split: DictConfig | None) -> dict[str, Any] | None:
     return {"urls": split.urls} if split.get("urls") else None
 
 
+def shard_problems(cfg: DictConfig) -> list[str]:
+    """What is wrong with the config's shard URLs, before any model loads: a local path or
+    glob that matches no file, both urls and sources, a bad source entry (one sentence each,
+    naming the key; `pipe:` and remote URLs are only checked when opened). For
+    `linguadiff.settings_check.check_settings(cfg, extra=[shard_problems])`."""
+    from datamodules.sources import parse_sources
+
+    problems = []
+    for split in ("train", "val"):
+        node = cfg.data[split]
+        key = f"data.{split}.sources" if node.get("sources") else f"data.{split}.urls"
+        try:
+            spec = shard_spec(node)
+            if spec is None:
+                if split == "train":
+                    problems.append("config key 'data.train.urls' must be set (or data.train.sources)")
+                continue
+            parse_sources(spec)
+        except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+            problems.append(f"config key '{key}': {err}")
+    return problems
+
+
 def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
     """The datamodule of ``cfg.stage`` (text shards for stage 1, image-text shards for stages
     2-3), with the stage module's tokenizers run in its workers."""

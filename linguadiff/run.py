@@ -29,8 +29,22 @@ from linguadiff.distributed import launch_rank
 log = logging.getLogger(__name__)
 
 # Keys whose change makes an existing run_dir a different experiment: resuming it would
-# load weights into the wrong shapes or train against another model.
-IDENTITY_KEYS = ("stage", "model.path", "model.kind", "llm.path", "llm.layers", "llm.layer_mix", "adapter")
+# load weights into the wrong shapes, train against another model or objective, or read a
+# checkpoint in a layout the new strategy cannot. A relaunch that changes one is refused,
+# naming it; every other change (steps, learning rates, batch sizes...) is logged and kept.
+IDENTITY_KEYS = (
+    "stage",
+    "model.path", "model.kind", "model.revision", "model.dtype", "model.resolution",  # the base
+    "llm.path", "llm.revision", "llm.dtype", "llm.max_length", "llm.layers", "llm.layer_mix",
+    "llm.add_bos",  # the LLM features
+    "adapter",  # its shape
+    "train.trainable",  # what the checkpoint holds and the optimizer states
+    "diffusion.prediction_type", "loss.type",  # the objective
+    "trainer.strategy",  # compared by family: auto and ddp save whole checkpoints, fsdp sharded ones
+)
+_ABSENT = object()
+# trainer.strategy values whose checkpoints read alike.
+STRATEGY_FAMILIES = {"auto": "unsharded", "ddp": "unsharded", "fsdp": "sharded"}
 
 
 @dataclass
@@ -61,11 +75,15 @@ class RunDir:
         if saved.exists():
             previous = OmegaConf.load(saved)
             for key in IDENTITY_KEYS:
-                old, new = OmegaConf.select(previous, key), OmegaConf.select(cfg, key)
-                if old != new:
+                old, new = OmegaConf.select(previous, key, default=_ABSENT), OmegaConf.select(cfg, key)
+                if old is _ABSENT:
+                    continue  # saved before this key existed: nothing to compare with
+                if _identity(key, old) != _identity(key, new):
+                    why = (f" ({_identity(key, old)} checkpoints cannot be resumed {_identity(key, new)})"
+                           if key == "trainer.strategy" else "")
                     raise ConfigError(
-                        f"run_dir {root} holds a run with {key}={_show(old)}, this launch has {key}={_show(new)}: "
-                        "use another run_dir (or delete that one) to start a different run"
+                        f"run_dir {root} holds a run with {key}={_show(old)}, this launch has {key}={_show(new)}{why}: "
+                        "a resume may not change it; use another run_dir (or delete that one) to start a different run"
                     )
             changed = _changed_keys(previous, cfg)
             if changed:
@@ -87,6 +105,15 @@ def checkpoint_step(path: Path) -> int:
         path = path / "meta.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=not path.name == "meta.pt")
     return int(ckpt.get("global_step", 0))
+
+
+def _identity(key: str, value):
+    """What must stay equal across relaunches: the value itself, the strategy's family."""
+    if key == "trainer.strategy":
+        return STRATEGY_FAMILIES.get(value, value)
+    if key == "train.trainable" and value is not None:
+        return sorted(value)  # a set of parts: [unet, adapter] is [adapter, unet]
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _show(value) -> str:

@@ -182,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     from train import setup_logging
 
     setup_logging()
-    from datamodules import shard_spec  # importing datamodules registers ${demo_shards:...}: before resolve
+    from datamodules import shard_problems, shard_spec  # importing datamodules registers ${demo_shards:...}: before resolve
     from datamodules.sources import parse_sources
     from linguadiff.config import ConfigError, load_config, resolve
+    from linguadiff.settings_check import check_settings
 
     try:
         cfg = resolve(load_config(sys.argv[1:] if argv is None else argv))
+        check_settings(cfg, extra=[shard_problems], training=False)  # before the LLM and the VAE load
         if not cfg.cache.out:
             raise ConfigError("set cache.out=FOLDER (where the cached shards go)")
         if cfg.stage == 1:

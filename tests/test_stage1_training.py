@@ -158,3 +158,27 @@ def test_sdxl_shaped_base_trains_context_and_pooled(assets, tmp_path):
     out = adapter(torch.randn(2, 5, adapter.config["llm_dim"]), torch.ones(2, 5, dtype=torch.bool))
     assert out["context"].shape == (2, 227, 80) and out["pooled"].shape == (2, 40)
     assert scalars(run_dir, "train/pooled_cosine")
+
+
+def test_relaunch_refuses_a_changed_experiment_but_resumes_a_longer_one(assets, tmp_path, capsys):
+    import lightning as L
+
+    from linguadiff.settings_check import STAGE_PARTS
+
+    class Parts(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.names = {name for name, _ in pl_module.named_children()}
+
+    parts = Parts()
+    run_dir = tmp_path / "run"
+    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 3}), extra_callbacks=(parts,)) == 0
+    assert parts.names == set(STAGE_PARTS[1])  # what the settings check lets train.trainable name
+    capsys.readouterr()
+    for key, value in [("llm.max_length", 32), ("diffusion.prediction_type", "epsilon"),
+                       ("train.trainable", "[adapter,text_encoder]")]:
+        assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 6, key: value})) == 2
+        err = capsys.readouterr().err
+        assert f"error: run_dir {run_dir} holds a run with {key}=" in err and "a resume may not change it" in err, err
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    assert train.main(tiny_args(assets, run_dir, **{"trainer.max_steps": 5})) == 0  # a longer run resumes
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5

@@ -50,8 +50,18 @@ def _unet_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_stage2_trains_adapter_and_unet_and_exports_for_diffusers(world, stage1_run, tmp_path):
+    import lightning as L
+
+    from linguadiff.settings_check import STAGE_PARTS
+
+    class Parts(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.names = {name for name, _ in pl_module.named_children()}
+
+    parts = Parts()
     run_dir = tmp_path / "stage2"
-    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run)) == 0
+    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run), extra_callbacks=(parts,)) == 0
+    assert parts.names == set(STAGE_PARTS[2])  # what the settings check lets train.trainable name
     export = run_dir / "export"
     meta = read_adapter_metadata(export / "adapter.safetensors")
     assert meta["stage"] == 2 and meta["global_step"] == 4

@@ -1,0 +1,290 @@
+"""Settings that cannot work, found before any model loads (`check_settings`).
+
+Loading a 7B LLM takes minutes on a cluster: a learning rate of 0, a misspelt scheduler name
+or a data path that matches no file must stop a run before that, with one ``error:`` line.
+`load_config` already checks key names and value types; this module checks ranges, choices
+and what depends on several keys, on the resolved config, reading no weights (at most the
+base's small ``config.json`` files, for the resolution rule). Every problem found is reported
+at once, in one message whose parts are separated by "; ", each naming the key, the value
+and what is allowed, so one relaunch fixes them all.
+
+Checks that need code above this layer (the data readers' URL expansion) come in as
+`extra` callables that return problems the same way (train.py passes
+`datamodules.shard_problems`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from linguadiff.config import STAGES, ConfigError
+
+# Choices, as the code that reads each key takes them.
+LAYER_MIXES = ("mean", "concat")  # models/text_encoder.py
+LOSS_TYPES = ("cos_len", "mse")  # models/losses.py ALIGNMENT_LOSSES
+PREDICTION_TYPES = (None, "epsilon", "v_prediction")  # models/diffusion.py
+SCHEDULES = ("cosine", "constant")  # lightning_modules/base.py
+SAMPLERS = ("dpm++", "ddim", "euler", "ddpm")  # generation.py make_scheduler
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")  # torch ShardingStrategy
+STRATEGIES = ("auto", "ddp", "fsdp")  # strategy.py
+MODEL_KINDS = ("demo", "sd15", "sdxl")
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float")  # text_encoder.torch_dtype
+# The stage modules' parts (children) that train.trainable and speed.compile may name.
+STAGE_PARTS = {1: ("text_encoder", "adapter", "teacher"), 2: ("text_encoder", "adapter", "unet", "vae")}
+STAGE_PARTS[3] = STAGE_PARTS[2]
+
+# Stable Diffusion bases: a VAE of 8x and a UNet with 3 downsamplings, when the base's own
+# config files are not at hand (a Hugging Face name): 8 x 2^3 = 64.
+SD_VAE_FACTOR, SD_UNET_LEVELS = 8, 4
+
+Problems = list[str]
+ExtraCheck = Callable[[DictConfig], Iterable[str]]
+
+
+def check_settings(cfg: DictConfig, extra: Iterable[ExtraCheck] = (), training: bool = True) -> None:
+    """Raise ConfigError listing every setting of the resolved `cfg` that cannot work.
+    `training=False` (tools that only read the config's models and data, like
+    scripts/cache_features.py) leaves out what only a training run needs (init_from)."""
+    problems = settings_problems(cfg, training)
+    for check in extra:
+        problems += list(check(cfg))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
+    """Every problem in the resolved `cfg`, one sentence each (empty: all fine)."""
+    p: Problems = []
+    c = _Checker(cfg, p)
+    stage = OmegaConf.select(cfg, "stage")
+    c.choice("stage", STAGES)
+    stage = stage if stage in STAGES else None
+
+    # model and LLM
+    c.choice("model.kind", MODEL_KINDS)
+    c.choice("model.dtype", DTYPES)
+    c.choice("llm.dtype", DTYPES)
+    c.integer("llm.max_length", low=1)
+    layers = OmegaConf.select(cfg, "llm.layers")
+    if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        p.append(f"config key 'llm.layers' must be a non-empty list of layer indices (-1: the last), got {_show(layers)}")
+    c.choice("llm.layer_mix", LAYER_MIXES)
+    if stage in (2, 3):  # stage 1 reads text only
+        _check_resolution(cfg, p)
+
+    # adapter shape
+    for key in ("dim", "num_queries", "heads", "ffn_dim", "decoder_layers"):
+        c.integer(f"adapter.{key}", low=1)
+    c.integer("adapter.encoder_layers", low=0)
+    c.integer("adapter.pooled_dim", low=1, nullable=True)
+    dim, heads = cfg.adapter.dim, cfg.adapter.heads
+    if _is_int(dim) and _is_int(heads) and dim >= 1 and heads >= 1 and dim % heads:
+        p.append(f"config key 'adapter.heads' must divide adapter.dim={dim} (attention splits it among heads), got {heads}")
+    if cfg.model.kind == "sdxl" and cfg.adapter.pooled_dim is None:
+        p.append("config key 'adapter.pooled_dim' must be set for model.kind=sdxl (1280: the pooled text_embeds), got null")
+
+    # what trains, and how fast
+    trainable = OmegaConf.select(cfg, "train.trainable")
+    parts = STAGE_PARTS.get(stage, ())
+    if not trainable:
+        p.append(f"config key 'train.trainable' must name at least one part (stage {stage}: {', '.join(parts)}), got {_show(trainable)}")
+    else:
+        c.parts("train.trainable", trainable, parts, stage)
+    c.parts("speed.compile", OmegaConf.select(cfg, "speed.compile") or [], parts, stage)
+    c.choice("speed.compile_mode", COMPILE_MODES)
+
+    # diffusion and EMA (stages 2-3; checked always: a typo is a typo)
+    c.choice("diffusion.prediction_type", PREDICTION_TYPES)
+    c.number("diffusion.min_snr_gamma", low=0, low_open=True, nullable=True)
+    c.number("diffusion.input_perturbation", low=0)
+    c.number("diffusion.noise_offset", low=0)
+    c.int_list("diffusion.val_timesteps", low=0)
+    c.number("ema.decay", low=0, high=1, low_open=True, high_open=True)
+    c.integer("ema.update_every", low=1)
+
+    # samples
+    c.integer("samples.every_n_steps", low=0)
+    c.integer("samples.num_images", low=1)
+    if stage in (2, 3) and (cfg.samples.every_n_steps or 0) > 0 and not cfg.samples.prompts:
+        p.append(f"config key 'samples.prompts' must hold at least one prompt when samples.every_n_steps="
+                 f"{cfg.samples.every_n_steps} (or set samples.every_n_steps=0), got {_show(cfg.samples.prompts)}")
+
+    # loss
+    c.choice("loss.type", LOSS_TYPES)
+    for key in ("norm_weight", "pooled_weight", "empty_prompt_weight"):
+        c.number(f"loss.{key}", low=0)
+
+    # data (shard paths: the `extra` check of the data package)
+    c.number("data.caption_dropout", low=0, high=1, high_open=True)
+    c.integer("data.batch_size", low=1)
+    c.integer("data.val_batch_size", low=1)
+    c.integer("data.num_workers", low=0)
+    c.integer("data.shuffle_buffer", low=0)
+    c.integer("data.min_size", low=0)
+    c.number("data.min_aesthetic", nullable=True)
+    for code in OmegaConf.select(cfg, "data.languages") or {}:
+        c.number(f"data.languages.{code}", low=0)
+
+    # optimizer
+    c.number("optim.lr", low=0, low_open=True)
+    c.number("optim.adapter_lr", low=0, low_open=True, nullable=True)
+    c.number("optim.weight_decay", low=0)
+    betas = OmegaConf.select(cfg, "optim.betas")
+    if (betas is None or len(betas) != 2
+            or not all(_is_number(b) and math.isfinite(b) and 0 <= b < 1 for b in betas)):
+        p.append(f"config key 'optim.betas' must be two numbers in [0, 1), got {_show(betas)}")
+    c.integer("optim.warmup_steps", low=0)
+    c.choice("optim.schedule", SCHEDULES)
+    c.number("optim.min_lr_ratio", low=0, high=1)
+
+    # trainer and strategy
+    c.integer("trainer.devices", low=1)
+    c.integer("trainer.num_nodes", low=1)
+    c.choice("trainer.strategy", STRATEGIES)
+    c.integer("trainer.max_steps", low=1)
+    c.integer("trainer.log_every_n_steps", low=1)
+    c.integer("trainer.val_check_interval", low=1)
+    c.integer("trainer.accumulate_grad_batches", low=1)
+    c.number("trainer.gradient_clip_val", low=0, nullable=True)
+    limit = OmegaConf.select(cfg, "trainer.limit_val_batches")
+    if not ((_is_int(limit) and limit >= 0) or (_is_number(limit) and 0 <= limit <= 1)):
+        p.append(f"config key 'trainer.limit_val_batches' must be a fraction in [0, 1] or a whole number of batches >= 0, got {_show(limit)}")
+    c.choice("fsdp.sharding", FSDP_SHARDING)
+
+    # checkpoints, evaluation, generation, caching
+    c.integer("checkpoint.every_n_steps", low=1)
+    c.integer("checkpoint.keep_last", low=-1, note=" (-1: keep all)")
+    c.integer("eval.retrieval_pool", low=1)
+    c.choice("generate.scheduler", SAMPLERS)
+    c.integer("generate.steps", low=1)
+    c.number("generate.guidance", low=0)
+    splits = OmegaConf.select(cfg, "cache.splits") or []
+    if any(s not in ("train", "val") for s in splits):
+        p.append(f"config key 'cache.splits' may hold train and val, got {_show(splits)}")
+
+    # where a stage starts from
+    if training and stage in (2, 3):  # the export's header only (its metadata), no weights
+        from linguadiff.export import init_export
+
+        try:
+            init_export(cfg, stage - 1)
+        except ConfigError as err:
+            p.append(str(err))
+    return p
+
+
+# ---------------------------------------------------------------------- resolution
+
+
+def resolution_multiple(model: DictConfig) -> tuple[int, str]:
+    """What model.resolution must be a multiple of, and why.
+
+    Latent bases (sd15, sdxl): the VAE's factor (8) x 2 per UNet downsampling (3 for the
+    Stable Diffusion UNets: 64). The pixel-space demo base: 2 per downsampling (its committed
+    UNet has 1: 2). When the base is a local folder its own unet/ and vae/ config.json give
+    the numbers; a Hugging Face name gets the Stable Diffusion ones.
+    """
+    root = Path(str(model.path)).expanduser()
+    unet = _read_json(root / "unet" / "config.json")
+    if model.kind == "demo":
+        vae_factor = 1
+    else:
+        vae = _read_json(root / "vae" / "config.json")
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae and vae.get("block_out_channels") else SD_VAE_FACTOR
+    levels = len(unet["down_block_types"]) if unet and unet.get("down_block_types") else SD_UNET_LEVELS
+    multiple = vae_factor * 2 ** (levels - 1)
+    space = "pixel space" if vae_factor == 1 else f"a VAE of {vae_factor}x"
+    return multiple, f"{space}, {levels - 1} UNet downsampling(s)"
+
+
+def _check_resolution(cfg: DictConfig, p: Problems) -> None:
+    res = OmegaConf.select(cfg, "model.resolution")
+    if cfg.model.kind not in MODEL_KINDS:
+        return  # reported as a choice
+    multiple, why = resolution_multiple(cfg.model)
+    if not (_is_int(res) and res >= multiple and res % multiple == 0):
+        p.append(f"config key 'model.resolution' must be a positive multiple of {multiple} for this "
+                 f"{cfg.model.kind} base ({why}), got {_show(res)}")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        if path.is_file() and path.stat().st_size < 1_000_000:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return "null" if value is None else repr(value)
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    if high is None:
+        return f"> {low}" if low_open else f">= {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+class _Checker:
+    def __init__(self, cfg: DictConfig, problems: Problems) -> None:
+        self.cfg, self.problems = cfg, problems
+
+    def _get(self, key: str) -> Any:
+        return OmegaConf.select(self.cfg, key)
+
+    def choice(self, key: str, choices: tuple) -> None:
+        value = self._get(key)
+        if value not in choices:
+            allowed = " | ".join("null" if c is None else str(c) for c in choices)
+            self.problems.append(f"config key '{key}' must be one of {allowed}, got {_show(value)}")
+
+    def number(self, key: str, low=None, high=None, low_open=False, high_open=False, nullable=False, note="") -> None:
+        value = self._get(key)
+        if value is None and nullable:
+            return
+        ok = _is_number(value) and math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            what = "a finite number" if low is None else f"a number {_interval(low, high, low_open, high_open)}"
+            self.problems.append(f"config key '{key}' must be {what}{' or null' if nullable else ''}{note}, got {_show(value)}")
+
+    def integer(self, key: str, low: int, nullable: bool = False, note: str = "") -> None:
+        value = self._get(key)
+        if value is None and nullable:
+            return
+        if not (_is_int(value) and value >= low):
+            self.problems.append(f"config key '{key}' must be an integer >= {low}{' or null' if nullable else ''}{note}, got {_show(value)}")
+
+    def int_list(self, key: str, low: int) -> None:
+        values = self._get(key)
+        if values is None or not all(_is_int(v) and v >= low for v in values):
+            self.problems.append(f"config key '{key}' must be a list of integers >= {low}, got {_show(values)}")
+
+    def parts(self, key: str, names, parts: tuple, stage) -> None:
+        unknown = [n for n in names if n not in parts]
+        if parts and unknown:
+            self.problems.append(f"config key '{key}' names {unknown}, which stage {stage} does not have "
+                                 f"(its parts: {', '.join(parts)})")
