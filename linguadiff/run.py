@@ -36,10 +36,10 @@ IDENTITY_KEYS = (
     "stage",
     "model.path", "model.kind", "model.revision", "model.dtype", "model.resolution",  # the base
     "llm.path", "llm.revision", "llm.dtype", "llm.max_length", "llm.layers", "llm.layer_mix",
-    "llm.add_bos",  # the LLM features
+    "llm.bos",  # the LLM features
     "adapter",  # its shape
     "train.trainable",  # what the checkpoint holds and the optimizer states
-    "diffusion.prediction_type", "loss.type",  # the objective
+    "diffusion.prediction_type", "loss.type", "loss.per_encoder",  # the objective
     "trainer.strategy",  # compared by family: auto and ddp save whole checkpoints, fsdp sharded ones
 )
 _ABSENT = object()

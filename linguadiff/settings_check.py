@@ -26,6 +26,7 @@ from linguadiff.config import STAGES, ConfigError
 
 # Choices, as the code that reads each key takes them.
 LAYER_MIXES = ("mean", "concat")  # models/text_encoder.py
+LLM_BOS = ("auto", "none")  # models/text_encoder.py PromptTokenizer
 LOSS_TYPES = ("cos_len", "mse")  # models/losses.py ALIGNMENT_LOSSES
 PREDICTION_TYPES = (None, "epsilon", "v_prediction")  # models/diffusion.py
 SCHEDULES = ("cosine", "constant")  # lightning_modules/base.py
@@ -75,6 +76,7 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         p.append(f"config key 'llm.layers' must be a non-empty list of layer indices (-1: the last), got {_show(layers)}")
     c.choice("llm.layer_mix", LAYER_MIXES)
+    c.choice("llm.bos", LLM_BOS)
     if stage in (2, 3):  # stage 1 reads text only
         _check_resolution(cfg, p)
 
@@ -119,6 +121,11 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     c.choice("loss.type", LOSS_TYPES)
     for key in ("norm_weight", "pooled_weight", "empty_prompt_weight"):
         c.number(f"loss.{key}", low=0)
+    weights = OmegaConf.select(cfg, "loss.encoder_weights")
+    encoders = 2 if cfg.model.kind == "sdxl" else 1  # SDXL's context joins CLIP-L and OpenCLIP-bigG
+    if weights is not None and (len(weights) != encoders or not all(_is_number(w) and w >= 0 for w in weights)):
+        p.append(f"config key 'loss.encoder_weights' must be null or {encoders} weight(s) >= 0, one per text encoder "
+                 f"of the {cfg.model.kind} base's context, got {_show(weights)}")
 
     # data (shard paths: the `extra` check of the data package)
     c.number("data.caption_dropout", low=0, high=1, high_open=True)
