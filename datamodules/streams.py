@@ -155,20 +155,21 @@ def batches_with_skips(
     batch_size: int,
     keep_partial: bool,
     skips: SkipCounter,
-    collate: Callable[[list[T], dict[str, int]], dict[str, Any]],
+    collate: Callable[[list[T], SkipCounter], dict[str, Any]],
 ) -> Iterator[dict[str, Any]]:
     """Collated batches, each carrying the skip counts since the previous one.
 
     Each batch is held back until the next one is ready, so skips met after the last items
-    of a finite stream (a truncated final shard, say) still ride on its last batch.
+    of a finite stream (a truncated final shard, say) still ride on its last batch. `collate`
+    gets the counter itself: samples it drops (a mixed batch) ride on the same batch.
     """
     pending: list[T] | None = None
     for group in batched(stream, batch_size, keep_partial):
         if pending is not None:
-            yield collate(pending, skips.take())
+            yield collate(pending, skips)
         pending = group
     if pending is not None:
-        yield collate(pending, skips.take())
+        yield collate(pending, skips)
 
 
 def even_share(batches: Iterable[dict[str, Any]], consumer: Consumer) -> Iterator[dict[str, Any]]:
@@ -224,7 +225,8 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
 
-    def _collate_items(self, items: list[Any]) -> dict[str, Any]:
+    def _collate_items(self, items: list[Any], skips: SkipCounter) -> dict[str, Any]:
+        """Items -> batch dict; may drop (and count in `skips`) items that do not fit the batch."""
         raise NotImplementedError
 
     def _consumers(self, train: bool) -> tuple[Consumer, Consumer]:
@@ -236,9 +238,9 @@ class ShardStream(IterableDataset):
     def _share(self, batches: Iterator[dict[str, Any]], train: bool, consumer: Consumer) -> Iterator[dict[str, Any]]:
         return even_share(batches, consumer) if self.even_batches and not train else batches
 
-    def _collate(self, items: list[Any], skipped: dict[str, int]) -> dict[str, Any]:
-        batch = self._collate_items(items)
-        batch["skipped"] = skipped
+    def _collate(self, items: list[Any], skips: SkipCounter) -> dict[str, Any]:
+        batch = self._collate_items(items, skips)
+        batch["skipped"] = skips.take()
         for role, tokenize in self.tokenizers.items():
             batch[f"{role}_tokens"] = tokenize(batch[self.tokenized_fields[role]])
         return batch

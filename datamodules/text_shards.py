@@ -17,7 +17,6 @@ previous batch) and, when tokenizers are set, `teacher_tokens` / `student_tokens
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
+from datamodules.checks import BadSample, caption_text, read_json
 from datamodules.datamodule import ShardDataModule
 from datamodules.skips import SkipCounter
 from datamodules.sources import ShardSource, is_language_code, parse_language_weights
@@ -79,21 +79,20 @@ def decode_text_sample(
     """Decodes a raw tar sample into captions per language, or None if it has no English.
 
     `KEY.txt` / `KEY.<lang>.txt` win over the json. A bad English side drops the sample
-    (`bad_encoding`, `empty_caption`, `missing_caption`); a bad other side drops that
-    language only (`bad_encoding`, `missing_parallel`); a bad json is `bad_json` and the
-    sample lives on if its files suffice.
+    (`bad_encoding`, `empty_caption` (nothing visible: blank or control characters),
+    `caption_too_long`, `missing_caption`); a bad other side drops that language only
+    (`bad_encoding`, `caption_too_long`, `missing_parallel`); a bad json (malformed, not an
+    object, nested too deep, too big) is `bad_json` and the sample lives on if its files
+    suffice. See `datamodules.checks`.
     """
     url, key = raw["__url__"], raw["__key__"]
     found: dict[str, str | bytes] = {}
     json_failed = False
     if "json" in raw:
         try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError(f"expected an object, got {type(meta).__name__}")
-            found.update(_json_captions(meta, extra_codes))
-        except ValueError as error:  # includes UnicodeDecodeError and JSONDecodeError
-            skips.skip("bad_json", url, key, str(error)[:200])
+            found.update(_json_captions(read_json(raw["json"]), extra_codes))
+        except BadSample as bad:
+            skips.skip(bad.reason, url, key, bad.detail)
             json_failed = True
     if "en.txt" in raw:
         found["en"] = raw["en.txt"]
@@ -110,16 +109,13 @@ def decode_text_sample(
 
     captions: dict[str, str] = {}
     for code in ["en", *sorted(set(found) - {"en"})]:
-        text = found[code]
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as error:
-                skips.skip("bad_encoding", url, key, f"{code}: {error}")
-                if code == "en":
-                    return None
-                continue
-        text = text.strip()
+        try:
+            text = caption_text(found[code])
+        except BadSample as bad:
+            skips.skip(bad.reason, url, key, f"{code}: {bad.detail}")
+            if code == "en":
+                return None
+            continue
         if not text:
             reason = "empty_caption" if code == "en" else "missing_parallel"
             skips.skip(reason, url, key, f"{code} caption is empty")
@@ -172,7 +168,12 @@ class TextPairStream(ShardStream):
             wanted=is_text_member,
         )
         for raw in raw_samples:
-            sample = decode_text_sample(raw, skips, self.extra_codes)
+            try:
+                sample = decode_text_sample(raw, skips, self.extra_codes)
+            except Exception as error:  # noqa: BLE001 - one bad sample costs that sample, not the run
+                skips.skip("bad_sample", raw.get("__url__", ""), raw.get("__key__", ""),
+                           f"{type(error).__name__}: {str(error)[:200]}")
+                sample = None
             if sample is not None:
                 yield sample
 
@@ -200,7 +201,7 @@ class TextPairStream(ShardStream):
                 for lang, text in sample.captions.items():
                     yield TextPair(english, text, lang, sample.key)
 
-    def _collate_items(self, pairs: list[TextPair]) -> dict[str, Any]:
+    def _collate_items(self, pairs: list[TextPair], skips: SkipCounter) -> dict[str, Any]:
         return {
             "teacher_text": [pair.teacher_text for pair in pairs],
             "student_text": [pair.student_text for pair in pairs],
