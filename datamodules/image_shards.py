@@ -81,6 +81,7 @@ from datamodules.streams import (
     Consumer,
     ShardStream,
     Tokenizer,
+    UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
     mix_streams,
@@ -484,6 +485,7 @@ class ImageTextStream(ShardStream):
         skips = SkipCounter()
         # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
         rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
+        self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
         examples = self._examples(self._raw_samples(reader, skips, rng), skips, rng)
         batches = batches_with_skips(examples, self.batch_size, not train, skips, self._collate)
         yield from self._share(batches, train, consumer)
@@ -500,6 +502,7 @@ class ImageTextStream(ShardStream):
                 infinite=train,
                 seed=f"{self.seed}:{index}",
                 wanted=is_image_text_member,
+                on_pass=lambda size, index=index: self._guard.pass_done(index, size),
             )
             for index, source in enumerate(self.sources)
         ]
@@ -511,6 +514,7 @@ class ImageTextStream(ShardStream):
     def _examples(
         self, raw_samples: Iterator[dict[str, Any]], skips: SkipCounter, rng: random.Random
     ) -> Iterator[dict[str, Any]]:
+        train = self.decoder.train
         rejected_in_a_row = 0
         for raw in raw_samples:
             try:
@@ -519,6 +523,8 @@ class ImageTextStream(ShardStream):
                 bad = error if isinstance(error, BadSample) else BadSample(
                     "bad_sample", f"{type(error).__name__}: {str(error)[:200]}")
                 skips.skip(bad.reason, raw.get("__url__", ""), raw.get("__key__", ""), bad.detail, warn=bad.warn)
+                if train:
+                    self._guard.rejected()
                 rejected_in_a_row += 1
                 if rejected_in_a_row % STALL_WARNING_EVERY == 0:
                     logger.warning(
@@ -527,6 +533,7 @@ class ImageTextStream(ShardStream):
                     )
                 continue
             rejected_in_a_row = 0
+            self._guard.accepted()
             yield example
 
     def _collate_items(self, examples: list[dict[str, Any]], skips: SkipCounter) -> dict[str, Any]:

@@ -221,7 +221,7 @@ def iter_tar_samples(
     skips: SkipCounter,
     wanted: Callable[[str], bool] = lambda extension: True,
     *,
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_member_bytes: int | None = None,
     outcome: ShardOutcome | None = None,
     pipe_timeout: float | None = None,
 ) -> Iterator[dict[str, Any]]:
@@ -240,6 +240,7 @@ def iter_tar_samples(
     a key). `outcome`, when given, says whether the shard was read whole.
     """
     outcome = outcome if outcome is not None else ShardOutcome()
+    max_member_bytes = DEFAULT_MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     scan = _HeaderScan()
     finished = False
     key = ""

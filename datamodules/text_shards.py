@@ -32,6 +32,7 @@ from datamodules.streams import (
     Consumer,
     ShardStream,
     Tokenizer,
+    UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
     mix_streams,
@@ -151,6 +152,7 @@ class TextPairStream(ShardStream):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, consumer = self._consumers(self.train)
         skips = SkipCounter()
+        self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
         pairs = self._train_pairs(reader, skips) if self.train else self._val_pairs(reader, skips)
         # Training batches are always full: the stream never ends.
         batches = batches_with_skips(pairs, self.batch_size, not self.train, skips, self._collate)
@@ -166,6 +168,7 @@ class TextPairStream(ShardStream):
             infinite=self.train,
             seed=f"{self.seed}:{source_index}",
             wanted=is_text_member,
+            on_pass=lambda size: self._guard.pass_done(source_index, size),
         )
         for raw in raw_samples:
             try:
@@ -176,6 +179,8 @@ class TextPairStream(ShardStream):
                 sample = None
             if sample is not None:
                 yield sample
+            elif self.train:
+                self._guard.rejected()
 
     def _train_pairs(self, consumer: Consumer, skips: SkipCounter) -> Iterator[TextPair]:
         # Per-consumer randomness: workers and ranks must not shuffle or draw identically.
@@ -187,7 +192,9 @@ class TextPairStream(ShardStream):
             if not languages:
                 # A configuration choice, not bad data: counted for TensorBoard, not warned.
                 skips.skip("lang_excluded", "", sample.key, warn=False)
+                self._guard.rejected()
                 continue
+            self._guard.accepted()
             weights = [self.language_weights.get(code, 1.0) for code in languages]
             lang = rng.choices(languages, weights=weights)[0]
             yield TextPair(sample.captions["en"], sample.captions[lang], lang, sample.key)
