@@ -304,16 +304,19 @@ def example_signature(example: Mapping[str, Any]) -> tuple:
     return tuple(parts)
 
 
-def drop_odd_examples(examples: list[dict[str, Any]], skips: SkipCounter) -> list[dict[str, Any]]:
-    """The examples of a batch that agree with its most common signature (ties: the first
-    example's); the others are counted and dropped so that `torch.stack` never sees a mixed
-    batch: `mixed_cache` (cached among uncached, or the reverse), `odd_shape` (a tensor of
-    another shape or dtype, fields of other types). The batch is that much smaller."""
+def drop_odd_examples(
+    examples: list[dict[str, Any]], skips: SkipCounter, previous: tuple | None = None
+) -> tuple[list[dict[str, Any]], tuple]:
+    """The examples of a batch that agree with its most common signature (ties: the
+    previous batch's, else the first example's), and that signature; the others are counted
+    and dropped so that `torch.stack` never sees a mixed batch: `mixed_cache` (cached among
+    uncached, or the reverse), `odd_shape` (a tensor of another shape or dtype, fields of
+    other types). The batch is that much smaller."""
     signatures = [example_signature(example) for example in examples]
     counts: dict[tuple, int] = {}
     for signature in signatures:
         counts[signature] = counts.get(signature, 0) + 1
-    keep = max(counts, key=lambda signature: (counts[signature], -signatures.index(signature)))
+    keep = max(counts, key=lambda signature: (counts[signature], signature == previous, -signatures.index(signature)))
     kept = []
     for example, signature in zip(examples, signatures):
         if signature == keep:
@@ -322,7 +325,7 @@ def drop_odd_examples(examples: list[dict[str, Any]], skips: SkipCounter) -> lis
         cached = ("image" in example, "image" in examples[signatures.index(keep)])
         reason = "mixed_cache" if cached[0] != cached[1] else "odd_shape"
         skips.skip(reason, "", str(example.get("key", "")), f"does not match the rest of its batch: {signature}"[:300])
-    return kept
+    return kept, keep
 
 
 def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -537,7 +540,7 @@ class ImageTextStream(ShardStream):
             yield example
 
     def _collate_items(self, examples: list[dict[str, Any]], skips: SkipCounter) -> dict[str, Any]:
-        examples = drop_odd_examples(examples, skips)
+        examples, self._signature = drop_odd_examples(examples, skips, getattr(self, "_signature", None))
         states = [example.pop("llm_states", None) for example in examples]
         batch = collate_examples(examples)
         # Cached LLM features are used when every sample of the batch has them, alike.

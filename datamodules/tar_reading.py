@@ -80,19 +80,13 @@ class _TimedPipe:
         self.fd = self.process.stdout.fileno()
 
     def read(self, size: int = -1) -> bytes:
-        chunks, wanted = [], size if size is not None and size >= 0 else None
-        while wanted is None or wanted > 0:
-            ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
-            if not ready:
-                self._kill()
-                raise PipeStalled(f"no data for {self.timeout_s:g} s from {self.command!r}")
-            chunk = os.read(self.fd, min(wanted or 1 << 20, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if wanted is not None:
-                wanted -= len(chunk)
-        return b"".join(chunks)
+        """Up to `size` bytes (a short read when less has arrived, b"" at the end), as a raw
+        pipe reads; raises PipeStalled when nothing arrives within the timeout."""
+        ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
+        if not ready:
+            self._kill()
+            raise PipeStalled(f"no data for {self.timeout_s:g} s from {self.command!r}")
+        return os.read(self.fd, size if size is not None and 0 < size < 1 << 20 else 1 << 20)
 
     def _kill(self) -> None:
         try:
