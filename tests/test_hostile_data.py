@@ -373,3 +373,49 @@ def test_cache_writer_skips_bad_samples_and_commits_only_whole_shards(tmp_path, 
         stats = cache_features.cache_shard(writer, url, out / name, batch_size=2)
         assert stats.get("error"), name
         assert sorted(p.name for p in out.iterdir()) == ["in.tar", "in_stats.json"], name
+
+
+# ----------------------------------------------------------------------------- counts over ranks
+
+
+def _rank_sums(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    from types import SimpleNamespace
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        module = text_module("unused.tar")
+        module.trainer = SimpleNamespace(training=True, validating=False, sanity_checking=False,
+                                         strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        mine = {"bad_json": rank + 1, "empty_caption": 2} if rank == 0 else {"bad_json": 5, "new_reason": 1}
+        summed = module.on_after_batch_transfer({"skipped": mine, "key": []}, 0)["skipped"]
+        module.trainer.training = False  # uneven validation batches: never a collective
+        assert module.on_after_batch_transfer({"skipped": mine}, 0)["skipped"] == mine
+        Path(out, f"{rank}.json").write_text(json.dumps(summed))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_skip_counts_are_summed_over_ranks_before_logging(tmp_path):
+    import socket
+
+    from datamodules.skips import SKIP_REASONS, sum_over_ranks
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # fork: no re-import of torch in the children (seconds, not a minute, on a loaded machine)
+    torch.multiprocessing.start_processes(_rank_sums, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in range(2):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"bad_json": 6, "empty_caption": 2, "other": 1}
+    assert sum_over_ranks({"bad_json": 3}) == {"bad_json": 3}  # one process: as it is
+    # Every reason the readers count has its own slot in the sum (none lands in `other`).
+    source = "".join(Path(p).read_text() for p in Path(tar_reading.__file__).parent.glob("*.py"))
+    source += (Path(__file__).resolve().parents[1] / "scripts" / "cache_features.py").read_text()
+    import re
+
+    counted = set(re.findall(r'(?:skip|BadSample)\(\s*"([a-z_]+)"', source))
+    counted |= set(re.findall(r'\("([a-z_]+)", (?:why|"key met)', source)) | {"mixed_cache", "odd_shape"}
+    counted -= {"unknown_language", "wrong_columns", "unpaired", "empty"}  # convert_text's report, not a stream
+    assert counted and counted <= set(SKIP_REASONS), counted - set(SKIP_REASONS)
