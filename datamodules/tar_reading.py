@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import signal
 import subprocess
 import tarfile
@@ -88,6 +89,16 @@ class _TimedPipe:
             raise PipeStalled(f"no data for {self.timeout_s:g} s from {self.command!r}")
         return os.read(self.fd, size if size is not None and 0 < size < 1 << 20 else 1 << 20)
 
+    def drain(self, limit: int = 16 * 1024 * 1024) -> None:
+        """Reads what the command still sends after the archive's end (record padding), up to
+        `limit` bytes, so that a command that finished its job exits 0 instead of being killed."""
+        drained = 0
+        while drained < limit:
+            chunk = self.read(1 << 20)
+            if not chunk:
+                return
+            drained += len(chunk)
+
     def _kill(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -109,10 +120,13 @@ class _TimedPipe:
 
 
 def open_shard(url: str, timeout_s: float | None = None):
-    """A readable stream of one shard URL: `pipe:` commands with a stall timeout, anything
-    else through `wds.gopen` (local files, remote schemes) as in WebDataset."""
+    """A readable stream of one shard URL: `pipe:` commands and http(s) (curl, as WebDataset
+    runs it) with a stall timeout, anything else through `wds.gopen` as in WebDataset."""
+    timeout_s = pipe_timeout_s() if timeout_s is None else timeout_s
     if url.startswith("pipe:"):
-        return _TimedPipe(url[len("pipe:"):], pipe_timeout_s() if timeout_s is None else timeout_s)
+        return _TimedPipe(url[len("pipe:"):], timeout_s)
+    if url.startswith(("http://", "https://")):  # webdataset's curl command, with the stall timeout
+        return _TimedPipe(f"curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L {shlex.quote(url)}", timeout_s)
     return wds.gopen(url)
 
 
@@ -316,6 +330,8 @@ def iter_tar_samples(
         finished = True
     finally:
         try:
+            if finished and isinstance(stream, _TimedPipe):
+                stream.drain()
             stream.close()
         except Exception as error:  # noqa: BLE001
             # A `pipe:` command that exits non-zero after a complete tar is still suspect;
