@@ -133,12 +133,13 @@ class ShardDataModule(L.LightningDataModule):
         """Sums the workers' skip counts over all ranks, so that `data/skipped_*` (logged by
         rank 0 from what the stage module adds up) covers the whole run, not rank 0's share.
 
-        Only for training batches, where every rank runs the same number of steps; and for
-        validation batches when `even_val_batches` gives every rank as many (FSDP). One
-        all_reduce of a small vector per step."""
+        Only for training batches, where every rank runs the same number of steps (one
+        all_reduce of a small vector per step). Validation batches differ in number between
+        ranks, so their counts stay per rank: they are to be gathered once at the end of the
+        validation epoch (`linguadiff.distributed.gather_objects`) by whoever logs them."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or not isinstance(batch, dict) or not isinstance(batch.get("skipped"), dict):
             return batch
-        if trainer.training or (self.even_val_batches and (trainer.validating or trainer.sanity_checking)):
+        if trainer.training:
             batch["skipped"] = sum_over_ranks(batch["skipped"], trainer.strategy.root_device)
         return batch

@@ -390,7 +390,7 @@ def _rank_sums(rank: int, world: int, port: int, out: str) -> None:
                                          strategy=SimpleNamespace(root_device=torch.device("cpu")))
         mine = {"bad_json": rank + 1, "empty_caption": 2} if rank == 0 else {"bad_json": 5, "new_reason": 1}
         summed = module.on_after_batch_transfer({"skipped": mine, "key": []}, 0)["skipped"]
-        module.trainer.training = False  # uneven validation batches: never a collective
+        module.trainer.training, module.trainer.validating = False, True  # per rank: never a collective
         assert module.on_after_batch_transfer({"skipped": mine}, 0)["skipped"] == mine
         Path(out, f"{rank}.json").write_text(json.dumps(summed))
     finally:
