@@ -21,9 +21,13 @@ Bad samples are skipped, counted per reason in the `SkipCounter` and warned abou
 (rate-limited, naming the shard and key), never fatal; each dropped sample is counted once,
 under the first reason found:
 `missing_image`, `empty_image`, `bad_image` (corrupt, truncated, unsupported),
-`decompression_bomb`, `missing_caption`, `empty_caption`, `bad_encoding`, `bad_json`,
-`no_aesthetic` (a threshold is set but the json has no score), plus the shard-level reasons
-of `datamodules.tar_reading`. Filters are configuration, not bad data, so `too_small`,
+`image_format_not_allowed` (a recognisable format outside `ALLOWED_FORMATS`),
+`decompression_bomb`, `missing_caption`, `empty_caption`, `caption_too_long`,
+`bad_encoding`, `bad_json`, `bad_metadata` (sizes or scores that are not sane numbers),
+`no_aesthetic` (a threshold is set but the json has no score), `bad_cache`,
+`cache_mismatch`, `odd_shape` / `mixed_cache` (dropped from a batch they do not fit),
+`bad_sample` (any other error while decoding one sample), plus the shard and member
+reasons of `datamodules.tar_reading`. Filters are configuration, not bad data, so `too_small`,
 `low_aesthetic` and `lang_excluded` are counted without a warning.
 
 Batch (a dict built inside the DataLoader worker): `image` float [B, 3, R, R], `caption`,
