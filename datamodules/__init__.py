@@ -1,7 +1,8 @@
 """Data for each stage: WebDataset-layout tar shards streamed into batches.
 
 One idea per file, lowest first: `sources` (shard URLs, weighted sources, language codes),
-`skips` (skipped inputs, counted and warned about), `tar_reading` (shards -> raw samples),
+`skips` (skipped inputs, counted and warned about, summed over ranks), `checks` (bounds
+on one sample's untrusted contents), `tar_reading` (shards -> raw samples),
 `streams` (which consumer reads what, and the combinators down to worker-made batches),
 `datamodule` (the LightningDataModule base); then what a sample means: `text_shards`
 (stage 1), `image_shards` and `cached` (stages 2-3), and the demo data set (`demo_data`).

@@ -20,7 +20,9 @@ Per sample, beside the original `KEY.txt` and `KEY.json`:
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+import math
+import zipfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,11 @@ META_KEY = "linguadiff_cache"
 # The LLM settings cached features depend on (config `llm` keys).
 LLM_SIGNATURE_KEYS = ("path", "revision", "layers", "layer_mix", "max_length", "bos")
 EMPTY = "empty"
+# Bounds on cached arrays, checked from the npy header before anything is allocated.
+MAX_CACHED_ARRAY_BYTES = 64 * 1024 * 1024
+MOMENTS_DTYPES = ("float32", "float16")
+PIXELS_DTYPES = ("uint8",)
+LLM_STATES_DTYPES = ("float16",)
 
 
 def llm_signature(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,7 +54,31 @@ def to_npy(array: torch.Tensor | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def from_npy(payload: bytes) -> np.ndarray:
+def from_npy(
+    payload: bytes,
+    dtypes: Sequence[str] | None = None,
+    ndim: int | None = None,
+    max_bytes: int = MAX_CACHED_ARRAY_BYTES,
+) -> np.ndarray:
+    """An npy payload as an array, its header checked first: dtype among `dtypes` (never
+    objects, so never pickles), `ndim` dimensions, at most `max_bytes`, and exactly as many
+    data bytes as the header claims. A header claiming terabytes is refused before any
+    allocation. Raises ValueError."""
+    buffer = io.BytesIO(payload)
+    major, _ = np.lib.format.read_magic(buffer)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(buffer)
+    if dtype.hasobject or (dtypes is not None and dtype.name not in dtypes):
+        raise ValueError(f"npy dtype {dtype} (expected {'/'.join(dtypes or ('a plain number type',))})")
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"npy shape {shape} has {len(shape)} dimensions, expected {ndim}")
+    if any(not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f"npy shape {shape} is not a shape")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise ValueError(f"npy header claims {nbytes} bytes > {max_bytes}")
+    if nbytes != len(payload) - buffer.tell():
+        raise ValueError(f"npy header claims {nbytes} data bytes, the member has {len(payload) - buffer.tell()}")
     return np.load(io.BytesIO(payload), allow_pickle=False)
 
 
@@ -58,9 +89,17 @@ def llm_npz(states: Mapping[str, torch.Tensor]) -> bytes:
     return buffer.getvalue()
 
 
-def read_llm_npz(payload: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+def read_llm_npz(payload: bytes, max_bytes: int = MAX_CACHED_ARRAY_BYTES) -> dict[str, np.ndarray]:
+    """{name: [T, D] float16} from an llm.npz, every member checked like `from_npy` (no
+    pickles, no object arrays, sizes bounded before reading, also when compressed).
+    Raises ValueError."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy") or info.file_size > max_bytes:
+                raise ValueError(f"llm.npz member {info.filename[:80]!r} ({info.file_size} bytes) refused")
+            arrays[info.filename[: -len(".npy")]] = from_npy(archive.read(info), LLM_STATES_DTYPES, 2, max_bytes)
+    return arrays
 
 
 def caption_name(lang: str, index: int) -> str:

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.skips import FILTER_REASONS
+from datamodules.skips import FILTER_REASONS, sum_over_ranks
 from datamodules.sources import ShardSource, parse_sources
 from datamodules.streams import Tokenizer
 from datamodules.tar_reading import count_samples
@@ -128,3 +128,18 @@ class ShardDataModule(L.LightningDataModule):
     ) -> IterableDataset:
         """The dataset yielding whole batches of one split, built on the main process."""
         raise NotImplementedError
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Sums the workers' skip counts over all ranks, so that `data/skipped_*` (logged by
+        rank 0 from what the stage module adds up) covers the whole run, not rank 0's share.
+
+        Only for training batches, where every rank runs the same number of steps (one
+        all_reduce of a small vector per step). Validation batches differ in number between
+        ranks, so their counts stay per rank: they are to be gathered once at the end of the
+        validation epoch (`linguadiff.distributed.gather_objects`) by whoever logs them."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not isinstance(batch, dict) or not isinstance(batch.get("skipped"), dict):
+            return batch
+        if trainer.training:
+            batch["skipped"] = sum_over_ranks(batch["skipped"], trainer.strategy.root_device)
+        return batch

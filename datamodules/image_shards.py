@@ -21,9 +21,13 @@ Bad samples are skipped, counted per reason in the `SkipCounter` and warned abou
 (rate-limited, naming the shard and key), never fatal; each dropped sample is counted once,
 under the first reason found:
 `missing_image`, `empty_image`, `bad_image` (corrupt, truncated, unsupported),
-`decompression_bomb`, `missing_caption`, `empty_caption`, `bad_encoding`, `bad_json`,
-`no_aesthetic` (a threshold is set but the json has no score), plus the shard-level reasons
-of `datamodules.tar_reading`. Filters are configuration, not bad data, so `too_small`,
+`image_format_not_allowed` (a recognisable format outside `ALLOWED_FORMATS`),
+`decompression_bomb`, `missing_caption`, `empty_caption`, `caption_too_long`,
+`bad_encoding`, `bad_json`, `bad_metadata` (sizes or scores that are not sane numbers),
+`no_aesthetic` (a threshold is set but the json has no score), `bad_cache`,
+`cache_mismatch`, `odd_shape` / `mixed_cache` (dropped from a batch they do not fit),
+`bad_sample` (any other error while decoding one sample), plus the shard and member
+reasons of `datamodules.tar_reading`. Filters are configuration, not bad data, so `too_small`,
 `low_aesthetic` and `lang_excluded` are counted without a warning.
 
 Batch (a dict built inside the DataLoader worker): `image` float [B, 3, R, R], `caption`,
@@ -45,7 +49,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import math
 import random
@@ -66,12 +69,15 @@ from datamodules.cached import (
     LLM_STATES,
     META_KEY,
     MOMENTS,
+    MOMENTS_DTYPES,
     PIXELS,
+    PIXELS_DTYPES,
     caption_name,
     from_npy,
     pad_states,
     read_llm_npz,
 )
+from datamodules.checks import MAX_RECORDED_SIDE, BadSample, caption_text, metadata_number, read_json
 from datamodules.datamodule import ShardDataModule
 from datamodules.skips import SkipCounter
 from datamodules.sources import ShardSource, parse_language_weights
@@ -79,6 +85,7 @@ from datamodules.streams import (
     Consumer,
     ShardStream,
     Tokenizer,
+    UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
     mix_streams,
@@ -88,7 +95,19 @@ from datamodules.streams import (
 logger = logging.getLogger(__name__)
 
 # The order decides which image a sample with several is read from.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+# The only image formats PIL is allowed to parse (`Image.open(formats=...)`).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# Leading bytes of formats refused on purpose, to name them in the skip reason.
+OTHER_FORMAT_MAGIC = (
+    (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"), (b"<svg", "SVG"), (b"<?xml", "SVG/XML"), (b"%PDF", "PDF"),
+    (b"\x00\x00\x00\x0cjP", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"DDS ", "DDS"), (b"icns", "ICNS"),
+    (b"\x0a\x05\x01", "PCX"), (b"qoif", "QOI"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"gimp xcf", "XCF"),
+    (b"P1", "PBM"), (b"P4", "PBM"), (b"P5", "PGM"), (b"P6", "PPM"), (b"BLP", "BLP"), (b"FORM", "IFF"),
+)
+# Aesthetic scores beyond this are not scores (`bad_metadata`).
+MAX_SCORE = 1e6
 MEMBER_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json", *CACHE_MEMBERS))
 AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
 # json size fields, most trustworthy first: img2dataset's width/height are after its resize.
@@ -108,34 +127,12 @@ def is_image_text_member(extension: str) -> bool:
     return extension in MEMBER_EXTENSIONS
 
 
-class BadSample(Exception):
-    """Raised while building an example: the sample is skipped and counted under `reason`."""
-
-    def __init__(self, reason: str, detail: str = "", warn: bool = True):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.warn = warn
-
-
 # ----------------------------------------------------------------------------- member decoders
 
 
-def read_json(payload: bytes) -> dict[str, Any]:
-    try:
-        meta = json.loads(payload.decode("utf-8"))
-    except ValueError as error:  # includes UnicodeDecodeError and JSONDecodeError
-        raise BadSample("bad_json", str(error)[:200]) from None
-    if not isinstance(meta, dict):
-        raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
-    return meta
-
-
 def read_text(payload: bytes) -> str:
-    try:
-        return payload.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise BadSample("bad_encoding", str(error)) from None
+    """A caption member as clean text (`datamodules.checks.caption_text`)."""
+    return caption_text(payload)
 
 
 def caption_candidates(raw: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -158,7 +155,7 @@ def caption_candidates(raw: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[
         raise BadSample("missing_caption", "no KEY.txt and no caption in the json")
     captions: dict[str, list[str]] = {}
     for code, text in found:
-        text = text.strip() if isinstance(text, str) else ""
+        text = caption_text(text) if isinstance(text, str) else ""  # json captions: other types ignored
         if text and text not in captions.get(code, ()):
             captions.setdefault(code, []).append(text)
     if not captions:
@@ -166,27 +163,23 @@ def caption_candidates(raw: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[
     return captions
 
 
-def _number(value: Any) -> float | None:
-    """A finite json number (booleans and strings are not numbers here), else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def aesthetic_score(meta: Mapping[str, Any]) -> float:
-    """The json's aesthetic score, nan when it has none."""
+    """The json's aesthetic score, nan when it has none; a score that is not a sane number
+    (a string, NaN, absurdly large) is `bad_metadata`."""
     for name in AESTHETIC_FIELDS:
-        score = _number(meta.get(name))
+        score = metadata_number(meta, name, -MAX_SCORE, MAX_SCORE)
         if score is not None:
             return score
     return math.nan
 
 
 def recorded_size(meta: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(height, width) of the source image as the json records it, or None."""
+    """(height, width) of the source image as the json records it, or None (absent, null
+    or 0); a negative, huge, NaN or non-numeric size is `bad_metadata`."""
     for width_field, height_field in SIZE_FIELDS:
-        width, height = _number(meta.get(width_field)), _number(meta.get(height_field))
-        if width and height and width > 0 and height > 0:
+        width = metadata_number(meta, width_field, 0, MAX_RECORDED_SIDE)
+        height = metadata_number(meta, height_field, 0, MAX_RECORDED_SIDE)
+        if width and height:
             return int(height), int(width)
     return None
 
@@ -211,11 +204,23 @@ def _pil_errors() -> Iterator[None]:
 
 
 def open_image(payload: bytes, max_pixels: int) -> Image.Image:
-    """Reads the image header only (PIL decodes lazily) and refuses empty images and bombs."""
+    """Reads the image header only (PIL decodes lazily) and refuses empty images and bombs.
+
+    Only `ALLOWED_FORMATS` are tried, whatever the member's extension says: PIL's other
+    plugins (EPS runs Ghostscript, PSD, ICO, ...) never see web bytes. A payload that is
+    recognisably another format is `image_format_not_allowed`, anything else unreadable
+    `bad_image`.
+    """
     if not payload:
         raise BadSample("empty_image", "zero-byte image")
-    with _pil_errors():
-        image = Image.open(io.BytesIO(payload))
+    try:
+        with _pil_errors():
+            image = Image.open(io.BytesIO(payload), formats=ALLOWED_FORMATS)
+    except BadSample as bad:
+        other = next((name for magic, name in OTHER_FORMAT_MAGIC if payload.lstrip()[:64].startswith(magic)), None)
+        if bad.reason == "bad_image" and other:
+            raise BadSample("image_format_not_allowed", f"{other} (allowed: {', '.join(ALLOWED_FORMATS)})") from None
+        raise
     width, height = image.size
     if width <= 0 or height <= 0:
         raise BadSample("empty_image", f"size {width}x{height}")
@@ -280,6 +285,53 @@ def square_crop(
     return SquareCrop(pixels, (height, width), (top, left))
 
 
+def _int_pair(cache: Mapping[str, Any], name: str) -> tuple[int, int]:
+    """A cached (h, w) / (top, left) pair: two non-negative ints of sane size, else `bad_cache`."""
+    value = cache.get(name)
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_RECORDED_SIDE for v in value)):
+        raise BadSample("bad_cache", f"{name}={str(value)[:50]} is not a pair of sizes")
+    return value[0], value[1]
+
+
+def example_signature(example: Mapping[str, Any]) -> tuple:
+    """What must agree across a batch for `collate_examples`: field names and types, and the
+    shape and dtype of every tensor. Cached LLM states are optional per sample (see
+    `ImageTextStream._collate_items`), so they are left out."""
+    parts = []
+    for name in sorted(set(example) - {"llm_states"}):
+        value = example[name]
+        if isinstance(value, torch.Tensor):
+            parts.append((name, "tensor", tuple(value.shape), str(value.dtype)))
+        else:
+            parts.append((name, type(value).__name__, len(value) if isinstance(value, tuple) else None))
+    return tuple(parts)
+
+
+def drop_odd_examples(
+    examples: list[dict[str, Any]], skips: SkipCounter, previous: tuple | None = None
+) -> tuple[list[dict[str, Any]], tuple]:
+    """The examples of a batch that agree with its most common signature (ties: the
+    previous batch's, else the first example's), and that signature; the others are counted
+    and dropped so that `torch.stack` never sees a mixed batch: `mixed_cache` (cached among
+    uncached, or the reverse), `odd_shape` (a tensor of another shape or dtype, fields of
+    other types). The batch is that much smaller."""
+    signatures = [example_signature(example) for example in examples]
+    counts: dict[tuple, int] = {}
+    for signature in signatures:
+        counts[signature] = counts.get(signature, 0) + 1
+    keep = max(counts, key=lambda signature: (counts[signature], signature == previous, -signatures.index(signature)))
+    kept = []
+    for example, signature in zip(examples, signatures):
+        if signature == keep:
+            kept.append(example)
+            continue
+        cached = ("image" in example, "image" in examples[signatures.index(keep)])
+        reason = "mixed_cache" if cached[0] != cached[1] else "odd_shape"
+        skips.skip(reason, "", str(example.get("key", "")), f"does not match the rest of its batch: {signature}"[:300])
+    return kept, keep
+
+
 def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Examples -> batch, field by field according to the value type.
 
@@ -341,7 +393,10 @@ class ImageTextDecoder:
         cache = meta.get(META_KEY)
         if LLM_STATES in raw and self.llm_signature is not None and isinstance(cache, Mapping) \
                 and cache.get("llm") == dict(self.llm_signature):
-            states = read_llm_npz(raw[LLM_STATES])
+            try:
+                states = read_llm_npz(raw[LLM_STATES])
+            except Exception as error:  # noqa: BLE001 - bad zip, pickled objects, absurd headers
+                raise BadSample("bad_cache", f"llm.npz: {type(error).__name__}: {str(error)[:200]}") from None
             name = EMPTY if not caption else caption_name(lang, captions[lang].index(caption))
             if name not in states:
                 raise BadSample("bad_cache", f"llm.npz has no features for caption {name}")
@@ -355,11 +410,16 @@ class ImageTextDecoder:
             got = cache.get("resolution") if isinstance(cache, Mapping) else None
             raise BadSample("cache_mismatch", f"cached at resolution {got}, this run trains at {self.resolution}")
         try:
-            array = from_npy(raw[MOMENTS] if MOMENTS in raw else raw[PIXELS])
-        except (ValueError, OSError) as error:
-            raise BadSample("bad_cache", str(error)[:200]) from None
-        example: dict[str, Any] = {"key": raw["__key__"], "original_size": tuple(cache["original_size"]),
-                                   "crop_top_left": tuple(cache["crop_top_left"]),
+            if MOMENTS in raw:
+                array = from_npy(raw[MOMENTS], MOMENTS_DTYPES, ndim=3)
+            else:
+                array = from_npy(raw[PIXELS], PIXELS_DTYPES, ndim=3)
+                if array.shape != (3, self.resolution, self.resolution):
+                    raise ValueError(f"pixels of shape {array.shape}, expected (3, {self.resolution}, {self.resolution})")
+        except Exception as error:  # noqa: BLE001 - ValueError, OSError, EOFError, ... from hostile headers
+            raise BadSample("bad_cache", f"{type(error).__name__}: {str(error)[:200]}") from None
+        example: dict[str, Any] = {"key": raw["__key__"], "original_size": _int_pair(cache, "original_size"),
+                                   "crop_top_left": _int_pair(cache, "crop_top_left"),
                                    "target_size": (self.resolution, self.resolution)}
         if MOMENTS in raw:
             example["moments"] = torch.from_numpy(array)
@@ -432,6 +492,7 @@ class ImageTextStream(ShardStream):
         skips = SkipCounter()
         # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
         rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
+        self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
         examples = self._examples(self._raw_samples(reader, skips, rng), skips, rng)
         batches = batches_with_skips(examples, self.batch_size, not train, skips, self._collate)
         yield from self._share(batches, train, consumer)
@@ -448,6 +509,7 @@ class ImageTextStream(ShardStream):
                 infinite=train,
                 seed=f"{self.seed}:{index}",
                 wanted=is_image_text_member,
+                on_pass=lambda size, index=index: self._guard.pass_done(index, size),
             )
             for index, source in enumerate(self.sources)
         ]
@@ -459,12 +521,17 @@ class ImageTextStream(ShardStream):
     def _examples(
         self, raw_samples: Iterator[dict[str, Any]], skips: SkipCounter, rng: random.Random
     ) -> Iterator[dict[str, Any]]:
+        train = self.decoder.train
         rejected_in_a_row = 0
         for raw in raw_samples:
             try:
                 example = self.decoder(raw, rng)
-            except BadSample as bad:
-                skips.skip(bad.reason, raw["__url__"], raw["__key__"], bad.detail, warn=bad.warn)
+            except Exception as error:  # noqa: BLE001 - one bad sample costs that sample, not the run
+                bad = error if isinstance(error, BadSample) else BadSample(
+                    "bad_sample", f"{type(error).__name__}: {str(error)[:200]}")
+                skips.skip(bad.reason, raw.get("__url__", ""), raw.get("__key__", ""), bad.detail, warn=bad.warn)
+                if train:
+                    self._guard.rejected()
                 rejected_in_a_row += 1
                 if rejected_in_a_row % STALL_WARNING_EVERY == 0:
                     logger.warning(
@@ -473,17 +540,15 @@ class ImageTextStream(ShardStream):
                     )
                 continue
             rejected_in_a_row = 0
+            self._guard.accepted()
             yield example
 
-    def _collate_items(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def _collate_items(self, examples: list[dict[str, Any]], skips: SkipCounter) -> dict[str, Any]:
+        examples, self._signature = drop_odd_examples(examples, skips, getattr(self, "_signature", None))
         states = [example.pop("llm_states", None) for example in examples]
-        pixels = {"image" in example for example in examples}
-        if len(pixels) > 1:
-            raise RuntimeError("a batch mixes cached and uncached image-text samples: cache every source "
-                               "(scripts/cache_features.py) or none")
         batch = collate_examples(examples)
-        # Cached LLM features are used when every sample of the batch has them.
-        if all(s is not None for s in states):
+        # Cached LLM features are used when every sample of the batch has them, alike.
+        if all(s is not None for s in states) and len({(s.dim(), s.shape[1:], s.dtype) for s in states}) == 1:
             batch["llm_states"], batch["llm_mask"] = pad_states(states)
         return batch
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -11,6 +14,43 @@ logger = logging.getLogger(__name__)
 # counted and plotted with the rest under data/skipped_*, but not bad input, so not warned
 # about and not reported as skipped inputs in the progress log.
 FILTER_REASONS = frozenset({"low_aesthetic", "too_small", "lang_excluded"})
+
+# Every reason the readers count, in a fixed order: the vector summed over ranks. A reason
+# missing here still counts on its own rank, as `other` in the sum (a test keeps it whole).
+SKIP_REASONS = (
+    # shards (datamodules.tar_reading)
+    "unreadable_shard", "truncated_tar", "corrupt_member", "stalled_shard",
+    # members and keys (datamodules.tar_reading)
+    "member_too_large", "bad_member_name", "duplicate_key",
+    # captions and json (datamodules.checks, text_shards, image_shards)
+    "missing_caption", "empty_caption", "caption_too_long", "bad_encoding", "missing_parallel", "bad_json",
+    "bad_metadata", "no_aesthetic",
+    # images (image_shards)
+    "missing_image", "empty_image", "bad_image", "image_format_not_allowed", "decompression_bomb",
+    # cached features (cached, image_shards, scripts/cache_features.py)
+    "bad_cache", "cache_mismatch", "odd_shape", "mixed_cache", "already_cached",
+    # anything else raised while decoding one sample
+    "bad_sample",
+    # settings, not bad input (FILTER_REASONS)
+    "low_aesthetic", "too_small", "lang_excluded",
+)
+
+
+def sum_over_ranks(counts: Mapping[str, int], device: torch.device | str = "cpu") -> dict[str, int]:
+    """Skip counts summed over all ranks (one all_reduce of a fixed-length vector); the
+    counts themselves outside distributed runs. Every rank must call it equally often
+    (once per training batch: DDP runs as many steps on every rank)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counts)
+    names = (*SKIP_REASONS, "other")
+    index = {name: i for i, name in enumerate(names)}
+    vector = torch.zeros(len(names), dtype=torch.float64)
+    for reason, count in counts.items():
+        vector[index.get(reason, len(names) - 1)] += int(count)
+    vector = vector.to(device)
+    dist.all_reduce(vector)
+    return {name: int(value) for name, value in zip(names, vector.tolist()) if value}
 
 
 class SkipCounter:

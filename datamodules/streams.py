@@ -55,6 +55,52 @@ class Consumer:
         return cls(rank, world_size, worker.id, worker.num_workers)
 
 
+class NoUsableData(RuntimeError):
+    """A training stream read a full pass of its data without one usable sample."""
+
+
+def describe_failure(urls: Sequence[str], skips: SkipCounter) -> str:
+    """The shards (a few) and the most common skip reasons, for an error message."""
+    shards = ", ".join(repr(url) for url in list(urls)[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+    reasons = ", ".join(f"{reason} x{count}" for reason, count in skips.totals.most_common(5)) or "none counted"
+    return f"shards {shards}; top skip reasons: {reasons}"
+
+
+class UsableGuard:
+    """Turns an infinite stream that never yields a usable item into an error.
+
+    The readers report each full pass over a source's shards (`pass_done`, with the number
+    of raw samples this consumer read in it) and the stream reports every item it rejects
+    or accepts. Once every source has completed a pass and more items were rejected in a row
+    than two passes over all of them hold (plus the shuffle buffer, which delays decoding),
+    no pass can give a usable item: raise `NoUsableData` naming the shards and the top skip
+    reasons instead of spinning in silence for days.
+    """
+
+    def __init__(self, sources: Sequence[Sequence[str]], skips: SkipCounter, slack: int = 0):
+        self.urls = [url for urls in sources for url in urls]
+        self.skips = skips
+        self.slack = slack
+        self.pass_sizes: list[int | None] = [None] * len(sources)
+        self.rejected_in_a_row = 0
+
+    def pass_done(self, source_index: int, raw_samples: int) -> None:
+        self.pass_sizes[source_index] = raw_samples
+
+    def accepted(self) -> None:
+        self.rejected_in_a_row = 0
+
+    def rejected(self) -> None:
+        self.rejected_in_a_row += 1
+        if any(size is None for size in self.pass_sizes):
+            return
+        if self.rejected_in_a_row > 2 * sum(self.pass_sizes) + self.slack:
+            raise NoUsableData(
+                f"no usable sample in {self.rejected_in_a_row} samples read in a row, more than two full "
+                f"passes over the data: {describe_failure(self.urls, self.skips)}"
+            )
+
+
 def iter_consumer_samples(
     urls: Sequence[str],
     consumer: Consumer,
@@ -63,6 +109,7 @@ def iter_consumer_samples(
     infinite: bool,
     seed: int | str = 0,
     wanted: Callable[[str], bool] = lambda extension: True,
+    on_pass: Callable[[int], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The raw samples (see `iter_tar_samples`) this consumer reads from one source.
 
@@ -81,7 +128,8 @@ def iter_consumer_samples(
     (in a later pass) instead of spinning forever.
 
     Shard-level problems (unreadable, truncated, corrupt headers) are counted once: in sample
-    mode only by the consumer that would own the shard under the shard split.
+    mode only by the consumer that would own the shard under the shard split. `on_pass` is
+    called after every full pass with the number of samples this consumer got in it.
     """
     by_sample = len(urls) < consumer.count
     silent = SkipCounter.discarding()
@@ -93,19 +141,23 @@ def iter_consumer_samples(
         if infinite:
             random.Random(f"{seed}:{pass_index}").shuffle(order)
         my_shards = order if by_sample else order[consumer.index :: consumer.count]
+        yielded_in_pass = 0
         for position, url in enumerate(my_shards):
             shards_ever_read.add(url)
             owns_shard = not by_sample or position % consumer.count == consumer.index
             for sample in iter_tar_samples(url, skips if owns_shard else silent, wanted):
                 source_has_samples = True
                 if not by_sample or sample_index % consumer.count == consumer.index:
+                    yielded_in_pass += 1
                     yield sample
                 sample_index += 1
+        if on_pass is not None:
+            on_pass(yielded_in_pass)
         if infinite and not source_has_samples and len(shards_ever_read) == len(set(urls)):
             # Every shard has been tried and none holds a sample: looping on would hang.
-            raise RuntimeError(
-                f"no readable sample in any of the {len(urls)} shards starting with {urls[0]!r} "
-                f"(consumer {consumer.index} of {consumer.count}); see the skip warnings"
+            raise NoUsableData(
+                f"no readable sample in any of the {len(urls)} shards "
+                f"(consumer {consumer.index} of {consumer.count}): {describe_failure(urls, skips)}"
             )
 
 
@@ -155,20 +207,21 @@ def batches_with_skips(
     batch_size: int,
     keep_partial: bool,
     skips: SkipCounter,
-    collate: Callable[[list[T], dict[str, int]], dict[str, Any]],
+    collate: Callable[[list[T], SkipCounter], dict[str, Any]],
 ) -> Iterator[dict[str, Any]]:
     """Collated batches, each carrying the skip counts since the previous one.
 
     Each batch is held back until the next one is ready, so skips met after the last items
-    of a finite stream (a truncated final shard, say) still ride on its last batch.
+    of a finite stream (a truncated final shard, say) still ride on its last batch. `collate`
+    gets the counter itself: samples it drops (a mixed batch) ride on the same batch.
     """
     pending: list[T] | None = None
     for group in batched(stream, batch_size, keep_partial):
         if pending is not None:
-            yield collate(pending, skips.take())
+            yield collate(pending, skips)
         pending = group
     if pending is not None:
-        yield collate(pending, skips.take())
+        yield collate(pending, skips)
 
 
 def even_share(batches: Iterable[dict[str, Any]], consumer: Consumer) -> Iterator[dict[str, Any]]:
@@ -225,7 +278,8 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
 
-    def _collate_items(self, items: list[Any]) -> dict[str, Any]:
+    def _collate_items(self, items: list[Any], skips: SkipCounter) -> dict[str, Any]:
+        """Items -> batch dict; may drop (and count in `skips`) items that do not fit the batch."""
         raise NotImplementedError
 
     def _consumers(self, train: bool) -> tuple[Consumer, Consumer]:
@@ -237,9 +291,9 @@ class ShardStream(IterableDataset):
     def _share(self, batches: Iterator[dict[str, Any]], train: bool, consumer: Consumer) -> Iterator[dict[str, Any]]:
         return even_share(batches, consumer) if self.even_batches and not train else batches
 
-    def _collate(self, items: list[Any], skipped: dict[str, int]) -> dict[str, Any]:
-        batch = self._collate_items(items)
-        batch["skipped"] = skipped
+    def _collate(self, items: list[Any], skips: SkipCounter) -> dict[str, Any]:
+        batch = self._collate_items(items, skips)
+        batch["skipped"] = skips.take()
         for role, tokenize in self.tokenizers.items():
             fields = self.tokenized_fields[role]  # one field, or several passed in order
             batch[f"{role}_tokens"] = tokenize(*(batch[f] for f in ((fields,) if isinstance(fields, str) else fields)))

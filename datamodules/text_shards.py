@@ -17,7 +17,6 @@ previous batch) and, when tokenizers are set, `teacher_tokens` / `student_tokens
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
+from datamodules.checks import BadSample, caption_text, read_json
 from datamodules.datamodule import ShardDataModule
 from datamodules.skips import SkipCounter
 from datamodules.sources import ShardSource, is_language_code, parse_language_weights
@@ -32,6 +32,7 @@ from datamodules.streams import (
     Consumer,
     ShardStream,
     Tokenizer,
+    UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
     mix_streams,
@@ -79,21 +80,20 @@ def decode_text_sample(
     """Decodes a raw tar sample into captions per language, or None if it has no English.
 
     `KEY.txt` / `KEY.<lang>.txt` win over the json. A bad English side drops the sample
-    (`bad_encoding`, `empty_caption`, `missing_caption`); a bad other side drops that
-    language only (`bad_encoding`, `missing_parallel`); a bad json is `bad_json` and the
-    sample lives on if its files suffice.
+    (`bad_encoding`, `empty_caption` (nothing visible: blank or control characters),
+    `caption_too_long`, `missing_caption`); a bad other side drops that language only
+    (`bad_encoding`, `caption_too_long`, `missing_parallel`); a bad json (malformed, not an
+    object, nested too deep, too big) is `bad_json` and the sample lives on if its files
+    suffice. See `datamodules.checks`.
     """
     url, key = raw["__url__"], raw["__key__"]
     found: dict[str, str | bytes] = {}
     json_failed = False
     if "json" in raw:
         try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError(f"expected an object, got {type(meta).__name__}")
-            found.update(_json_captions(meta, extra_codes))
-        except ValueError as error:  # includes UnicodeDecodeError and JSONDecodeError
-            skips.skip("bad_json", url, key, str(error)[:200])
+            found.update(_json_captions(read_json(raw["json"]), extra_codes))
+        except BadSample as bad:
+            skips.skip(bad.reason, url, key, bad.detail)
             json_failed = True
     if "en.txt" in raw:
         found["en"] = raw["en.txt"]
@@ -110,16 +110,13 @@ def decode_text_sample(
 
     captions: dict[str, str] = {}
     for code in ["en", *sorted(set(found) - {"en"})]:
-        text = found[code]
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as error:
-                skips.skip("bad_encoding", url, key, f"{code}: {error}")
-                if code == "en":
-                    return None
-                continue
-        text = text.strip()
+        try:
+            text = caption_text(found[code])
+        except BadSample as bad:
+            skips.skip(bad.reason, url, key, f"{code}: {bad.detail}")
+            if code == "en":
+                return None
+            continue
         if not text:
             reason = "empty_caption" if code == "en" else "missing_parallel"
             skips.skip(reason, url, key, f"{code} caption is empty")
@@ -157,6 +154,7 @@ class TextPairStream(ShardStream):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, consumer = self._consumers(self.train)
         skips = SkipCounter()
+        self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
         pairs = self._train_pairs(reader, skips) if self.train else self._val_pairs(reader, skips)
         # Training batches are always full: the stream never ends.
         batches = batches_with_skips(pairs, self.batch_size, not self.train, skips, self._collate)
@@ -172,11 +170,19 @@ class TextPairStream(ShardStream):
             infinite=self.train,
             seed=f"{self.seed}:{source_index}",
             wanted=is_text_member,
+            on_pass=lambda size: self._guard.pass_done(source_index, size),
         )
         for raw in raw_samples:
-            sample = decode_text_sample(raw, skips, self.extra_codes)
+            try:
+                sample = decode_text_sample(raw, skips, self.extra_codes)
+            except Exception as error:  # noqa: BLE001 - one bad sample costs that sample, not the run
+                skips.skip("bad_sample", raw.get("__url__", ""), raw.get("__key__", ""),
+                           f"{type(error).__name__}: {str(error)[:200]}")
+                sample = None
             if sample is not None:
                 yield sample
+            elif self.train:
+                self._guard.rejected()
 
     def _train_pairs(self, consumer: Consumer, skips: SkipCounter) -> Iterator[TextPair]:
         # Per-consumer randomness: workers and ranks must not shuffle or draw identically.
@@ -188,7 +194,9 @@ class TextPairStream(ShardStream):
             if not languages:
                 # A configuration choice, not bad data: counted for TensorBoard, not warned.
                 skips.skip("lang_excluded", "", sample.key, warn=False)
+                self._guard.rejected()
                 continue
+            self._guard.accepted()
             weights = [self.language_weights.get(code, 1.0) for code in languages]
             lang = rng.choices(languages, weights=weights)[0]
             yield TextPair(sample.captions["en"], sample.captions[lang], lang, sample.key)
@@ -202,7 +210,7 @@ class TextPairStream(ShardStream):
                 for lang, text in sample.captions.items():
                     yield TextPair(english, text, lang, sample.key)
 
-    def _collate_items(self, pairs: list[TextPair]) -> dict[str, Any]:
+    def _collate_items(self, pairs: list[TextPair], skips: SkipCounter) -> dict[str, Any]:
         return {
             "teacher_text": [pair.teacher_text for pair in pairs],
             "student_text": [pair.student_text for pair in pairs],

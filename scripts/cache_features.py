@@ -17,7 +17,10 @@ Runs split over processes: every process takes every N-th input shard, by its ra
 torchrun (RANK / WORLD_SIZE) or srun (SLURM_PROCID / SLURM_NTASKS), on its own GPU. Output
 shards are written under a temporary name and renamed when complete, so a rerun (after a
 failure or preemption) skips the shards that are done and redoes only the unfinished ones.
-Bad samples are skipped and counted, as in training.
+Bad samples are skipped and counted, as in training (any error while decoding one sample
+is that sample's fault). An input shard whose reading failed (unreadable, truncated,
+corrupt headers, a stalled or failing `pipe:`) is not committed: its partial output is
+deleted, the others go on, and the exit status is 1 so that a rerun retries it.
 """
 from __future__ import annotations
 
@@ -74,8 +77,16 @@ class FeatureWriter:
             DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadSample, caption_candidates, open_image, read_json, square_crop,
         )
 
+        from datamodules.cached import CACHE_MEMBERS
+
         meta = read_json(raw["json"]) if "json" in raw else {}
+        try:
+            json.dumps(meta, ensure_ascii=False)  # written back later: fail here, per sample
+        except Exception as error:  # noqa: BLE001
+            raise BadSample("bad_json", f"cannot be written back: {type(error).__name__}") from None
         captions = caption_candidates(raw, meta)
+        if CACHE_MEMBERS & set(raw):
+            raise BadSample("already_cached", "the input sample holds cached features, not an image")
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if extension is None:
             raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
@@ -142,40 +153,62 @@ class FeatureWriter:
 
 
 def cache_shard(writer: FeatureWriter, url: str, out_path: Path, batch_size: int) -> dict[str, Any]:
-    """One input shard -> one output shard (written whole, then renamed into place)."""
+    """One input shard -> one output shard (written whole, then renamed into place).
+
+    Committed (renamed, with its stats) only when the reader saw the whole input shard
+    without a shard-level error; otherwise the partial output is deleted and the returned
+    stats carry `error` (a shard cut short must not be taken for a finished one by reruns).
+    """
     import webdataset as wds
 
-    from datamodules.image_shards import BadSample, is_image_text_member
+    from datamodules.image_shards import is_image_text_member
     from datamodules.skips import SkipCounter
-    from datamodules.tar_reading import iter_tar_samples
+    from datamodules.tar_reading import ShardOutcome, iter_tar_samples
 
     skips = SkipCounter()
+    outcome = ShardOutcome()
     tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     written = 0
-    with wds.TarWriter(str(tmp)) as sink:
-        for batch in _batches(iter_tar_samples(url, skips, is_image_text_member), batch_size, writer, skips, BadSample):
-            for sample in writer.encode(batch):
-                sink.write(sample)
-                written += 1
-    tmp.rename(out_path)
+    try:
+        with wds.TarWriter(str(tmp)) as sink:
+            raw_samples = iter_tar_samples(url, skips, is_image_text_member, outcome=outcome)
+            for batch in _batches(raw_samples, batch_size, writer, skips):
+                for sample in writer.encode(batch):
+                    sink.write(sample)
+                    written += 1
+        if not outcome.complete:
+            tmp.unlink(missing_ok=True)
+            return {"successes": written, "failed": sum(skips.totals.values()), "skipped": dict(skips.totals),
+                    "source": url, "error": outcome.error or "shard not read to its end"}
+        tmp.rename(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     stats = {"successes": written, "failed": sum(skips.totals.values()), "skipped": dict(skips.totals), "source": url}
     out_path.with_name(out_path.name[: -len(".tar")] + "_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
 
 
-def _batches(raw_samples: Iterator[dict], size: int, writer: FeatureWriter, skips, bad_sample) -> Iterator[list[dict]]:
+def _batches(raw_samples: Iterator[dict], size: int, writer: FeatureWriter, skips) -> Iterator[list[dict]]:
+    from datamodules.image_shards import BadSample
+
     batch: list[dict] = []
     for raw in raw_samples:
         try:
             batch.append(writer.decode(raw))
-        except bad_sample as bad:
-            skips.skip(bad.reason, raw["__url__"], raw["__key__"], bad.detail, warn=bad.warn)
+        except Exception as error:  # noqa: BLE001 - one bad sample costs that sample, not the shard
+            bad = error if isinstance(error, BadSample) else BadSample(
+                "bad_sample", f"{type(error).__name__}: {str(error)[:200]}")
+            skips.skip(bad.reason, url_of(raw), raw.get("__key__", ""), bad.detail, warn=bad.warn)
             continue
         if len(batch) == size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def url_of(raw: dict) -> str:
+    return str(raw.get("__url__", ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     writer = FeatureWriter(cfg, device)
     out_root = Path(cfg.cache.out).expanduser()
+    failed_shards: list[str] = []
     for split, sources in splits.items():
         urls = [url for source in sources for url in source.urls]
         names = output_names(urls)
@@ -222,9 +256,18 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             stats = cache_shard(writer, urls[index], out_path, int(cfg.data.batch_size))
             seconds = time.perf_counter() - started
+            if "error" in stats:
+                log.error("[%d/%d] %s: NOT written, the input shard failed (%s); a rerun retries it",
+                          n, len(mine), out_path.name, stats["error"])
+                failed_shards.append(urls[index])
+                continue
             log.info("[%d/%d] %s: %d samples, %.1f/s%s", n, len(mine), out_path.name, stats["successes"],
                      stats["successes"] / max(seconds, 1e-9),
                      f", skipped {stats['skipped']}" if stats["skipped"] else "")
+    if failed_shards:
+        log.error("rank %d: %d input shard(s) failed and were not written: %s", rank, len(failed_shards),
+                  ", ".join(failed_shards[:10]) + (" ..." if len(failed_shards) > 10 else ""))
+        return 1
     return 0
 
 
