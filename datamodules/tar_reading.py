@@ -18,7 +18,6 @@ import shlex
 import signal
 import subprocess
 import tarfile
-import time
 import unicodedata
 import zlib
 from collections.abc import Callable, Iterator, Sequence

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from lightning_modules.settings import StageSettings
 from linguadiff.config import ConfigError
-from linguadiff.distributed import unwrap
+from linguadiff.distributed import gather_objects, unwrap
 from linguadiff.models.frozen import freeze
 from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.strategy import is_fsdp
@@ -44,6 +44,7 @@ class StageModule(L.LightningModule):
         # must not demand them; on_load_checkpoint checks that every trained weight is there.
         self.strict_loading = False
         self.skipped: Counter[str] = Counter()
+        self.val_skipped: Counter[str] = Counter()  # this validation pass, this rank
 
     # ------------------------------------------------------------------ what trains
 
@@ -224,6 +225,22 @@ class StageModule(L.LightningModule):
         self.skipped.update({k: int(v) for k, v in new.items() if v})
         for reason, total in self.skipped.items():
             self.log(f"data/skipped_{reason}", float(total), reduce_fx="sum", sync_dist=False, on_step=True, on_epoch=False)
+
+    def count_val_skipped(self, batch: dict[str, Any]) -> None:
+        """Validation's skip counts, kept per rank until the pass ends (ranks see different
+        numbers of validation batches, so a per-batch collective could hang)."""
+        self.val_skipped.update({k: int(v) for k, v in (batch.get("skipped") or {}).items() if v})
+
+    def on_validation_epoch_end(self) -> None:
+        """Sum this pass's validation skip counts over the ranks (every rank calls this) and log them."""
+        totals: Counter[str] = Counter()
+        for part in gather_objects(dict(self.val_skipped)):
+            totals.update(part)
+        self.val_skipped.clear()
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        for reason, total in totals.items():
+            self.log(f"data/val_skipped_{reason}", float(total), sync_dist=False, rank_zero_only=True)
 
     @staticmethod
     def batch_size_of(batch: dict[str, Any]) -> int:

@@ -141,6 +141,7 @@ class DiffusionStage(StageModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss at fixed timesteps with fixed noise: comparable across validations and runs."""
+        self.count_val_skipped(batch)
         size = self.batch_size_of(batch)
         x0 = self.to_model_space(batch)
         context, added = self.conditioning(batch)

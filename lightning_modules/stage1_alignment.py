@@ -119,6 +119,7 @@ class Stage1Alignment(StageModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.count_val_skipped(batch)
         size = self.batch_size_of(batch)
         teacher = self.teacher(self._tokens(batch, "teacher"))
         student = self.student(self._tokens(batch, "student"))
@@ -139,6 +140,7 @@ class Stage1Alignment(StageModule):
         )
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         outputs = [out for part in gather_objects(self._val_outputs) for out in part]
         self._val_outputs = []
         if self.trainer.sanity_checking or not outputs:
