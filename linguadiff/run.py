@@ -164,7 +164,8 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from err
     if not isinstance(ckpt, dict) or "global_step" not in ckpt:
         raise CheckpointError("no global_step: not a Lightning checkpoint")
-    if "optimizer_states" not in ckpt or (not sharded and "state_dict" not in ckpt):
+    # (A sharded checkpoint keeps weights and optimizer states in its .distcp files.)
+    if not sharded and ("state_dict" not in ckpt or "optimizer_states" not in ckpt):
         raise CheckpointError("no weights or optimizer states")
     return ckpt
 
