@@ -9,14 +9,23 @@ Rerunning a command with the same run_dir resumes it. See README.md and configs/
 """
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import warnings
+import signal
 
-from datamodules import build_datamodule, shard_problems  # importing datamodules registers ${demo_shards:...}: before resolve
-from linguadiff.config import ConfigError, load_config, resolve
-from linguadiff.settings_check import check_settings
+# SLURM's SIGUSR1 (time limit, preemption) can come while this script still imports or loads
+# models; its default action kills the process (and `srun --kill-on-bad-exit` then fails the
+# job instead of requeueing it). So the first thing done is to note it; main() acts on it.
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from datamodules import build_datamodule, shard_problems  # noqa: E402  # importing datamodules registers ${demo_shards:...}: before resolve
+from linguadiff.config import ConfigError, load_config, resolve  # noqa: E402
+from linguadiff.settings_check import check_settings  # noqa: E402
 
 
 def setup_logging() -> None:
@@ -38,6 +47,8 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
     """Returns the exit status. `extra_callbacks`: more Lightning callbacks (tools and tests)."""
+    if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:  # called as a function, not as the script
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY_SIGNALS.append(signum))
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers run in the data workers
     try:
@@ -47,20 +58,41 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from linguadiff.run import RunDir
+
+    try:
+        run = RunDir.prepare(cfg)  # rank 0 holds the run_dir's lock until this returns
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _train(cfg, run, extra_callbacks)
+    finally:
+        run.release()
+
+
+def _train(cfg, run, extra_callbacks: tuple) -> int:
+    """Load the stage's models and data and fit, in the run folder `run` (its lock held)."""
     import lightning as L
 
     from callbacks import build_callbacks
+    from callbacks.preemption import PreemptionHandler, requeue
+    from linguadiff.distributed import launch_world
+    from linguadiff.export import export_complete
     from lightning_modules import stage_class
-    from linguadiff.run import RunDir, build_trainer
+    from linguadiff.run import build_trainer
 
+    say = logging.getLogger("train")
+    finished = run.resume_step >= cfg.trainer.max_steps
+    if finished and export_complete(run.export):  # before loading any model
+        say.warning(
+            "%s already reached step %d >= trainer.max_steps=%d: nothing to train (raise trainer.max_steps to continue)",
+            run.root, run.resume_step, cfg.trainer.max_steps,
+        )
+        return 0
+    if finished:
+        say.warning("%s reached step %d but its export is missing or incomplete: exporting it again", run.root, run.resume_step)
     try:
-        run = RunDir.prepare(cfg)
-        if run.resume_step >= cfg.trainer.max_steps:  # before loading any model
-            logging.getLogger("train").warning(
-                "%s already reached step %d >= trainer.max_steps=%d: nothing to train (raise trainer.max_steps to continue)",
-                run.root, run.resume_step, cfg.trainer.max_steps,
-            )
-            return 0
         L.seed_everything(cfg.seed, workers=True)
         module = stage_class(cfg.stage).from_config(cfg)
         # A resumed run reads fresh samples instead of replaying the stream from its start.
@@ -70,12 +102,25 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     callbacks = [*build_callbacks(cfg, run.root, run.export), *extra_callbacks]
+    preemption = next((c for c in callbacks if isinstance(c, PreemptionHandler)), None)
+    if preemption is not None:
+        preemption.install()  # from here on the callback takes SIGUSR1 itself
+        preemption.requested = preemption.requested or bool(_EARLY_SIGNALS)
+    early = bool(_EARLY_SIGNALS) or (preemption is not None and preemption.requested)
+    if early and launch_world()[1] == 1 and not finished:
+        # Nothing trained in this launch, so nothing to save: the last checkpoint stands.
+        say.warning("Signal SIGUSR1 received before training started: exiting without a checkpoint")
+        requeue()
+        return 0
+    # (With several ranks the callback stops them all together at the first step, with a checkpoint.)
     try:
         trainer = build_trainer(cfg, run, callbacks, module)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.checkpoint) if run.checkpoint else None)
+    # Files are data, never code: Lightning reads the checkpoint with weights_only as well.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.checkpoint) if run.checkpoint else None,
+                weights_only=True)
     return 0
 
 

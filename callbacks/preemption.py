@@ -7,6 +7,11 @@ handler); at the next step boundary every rank agrees to stop (one rank's signal
 Lightning ends the fit, `RunCheckpoint` writes last.ckpt at that step, and the job is
 requeued with `scontrol requeue` when it runs under SLURM and scontrol exists (otherwise
 it just exits). Relaunching the same command resumes from that checkpoint.
+
+train.py notes the signal from its first line on (models can take minutes to load): one that
+comes before training starts ends a single-process launch cleanly without a checkpoint (the
+previous one stands) and requeues it; with several ranks it sets `requested`, so all stop
+together at the first step.
 """
 from __future__ import annotations
 
@@ -27,12 +32,20 @@ class PreemptionHandler(L.Callback):
         self.requested = False
         self.stopped_at: int | None = None
         self._previous = None
+        self._installed = False
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.requested = True
 
+    def install(self) -> None:
+        """Take the signal from now on (train.py calls this as soon as the callback exists; a
+        signal noted before that is passed on by setting `requested`)."""
+        if not self._installed:
+            self._previous = signal.signal(self.signum, self._on_signal)
+            self._installed = True
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._previous = signal.signal(self.signum, self._on_signal)
+        self.install()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Every rank must stop at the same step, or the others hang in the next collective.
@@ -44,8 +57,9 @@ class PreemptionHandler(L.Callback):
                             trainer.global_step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
+        if self._installed:
+            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
         if self.stopped_at is not None and trainer.is_global_zero:
             requeue()
 

@@ -15,6 +15,33 @@ from linguadiff.config import ConfigError
 from linguadiff.models.adapter import read_adapter_metadata
 
 ADAPTER_FILE = "adapter.safetensors"
+# Written last into an export, which is built in a temporary folder and renamed into place:
+# an export without it is unfinished (a kill during the export) and is never started from.
+COMPLETE_FILE = "export_complete.json"
+
+
+def export_complete(directory: Path) -> bool:
+    """Whether `directory` is a whole export: its completion marker, and every file it lists."""
+    import json
+
+    marker = Path(directory) / COMPLETE_FILE
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(files, list) and all((Path(directory) / str(name)).exists() for name in files)
+
+
+def mark_complete(directory: Path, global_step: int) -> None:
+    """Write the completion marker (last: after every file of the export is on disk)."""
+    import json
+    import os
+
+    directory = Path(directory)
+    files = sorted(p.name for p in directory.iterdir() if p.name != COMPLETE_FILE)
+    partial = directory / f".{COMPLETE_FILE}.partial"
+    partial.write_text(json.dumps({"global_step": int(global_step), "files": files}) + "\n")
+    os.replace(partial, directory / COMPLETE_FILE)
 
 
 def adapter_metadata(cfg: DictConfig) -> dict:
@@ -124,9 +151,17 @@ def init_export(cfg: DictConfig, expected_stage: int) -> Path:
             f"init_from={cfg.init_from} has no export/adapter.safetensors: "
             f"has its stage-{expected_stage} run finished? (export happens at the end of training)"
         )
+    if not export_complete(export):
+        raise ConfigError(
+            f"init_from={cfg.init_from}: the export in {export} is incomplete (no {COMPLETE_FILE}, or a file it "
+            f"lists is missing): relaunch its stage-{expected_stage} run to export it again"
+        )
     meta = read_adapter_metadata(export / "adapter.safetensors")
     if meta.get("stage") != expected_stage:
         raise ConfigError(f"init_from={cfg.init_from} is a stage-{meta.get('stage')} export; stage {cfg.stage} starts from stage {expected_stage}")
+    if expected_stage >= 2 and not (export / "unet").is_dir():
+        raise ConfigError(f"init_from={cfg.init_from} is a stage-{expected_stage} export without its unet/ folder: "
+                          f"relaunch its stage-{expected_stage} run to export it again")
     return export
 
 

@@ -5,19 +5,23 @@
     run_dir/tensorboard/      one fixed folder, so a resumed run continues the same curves
     run_dir/export/           adapter.safetensors (+ more in later stages)
 
-Launching the same command with the same run_dir resumes from checkpoints/last.ckpt: this is
+Launching the same command with the same run_dir resumes from checkpoints/last.ckpt (or, when
+that is damaged, the newest intact checkpoints/step*.ckpt): this is
 what a requeued SLURM job does.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -52,6 +56,7 @@ class RunDir:
     root: Path
     checkpoint: Path | None  # last.ckpt to resume from, if any
     resume_step: int  # global step of that checkpoint (0 for a new run)
+    lock: "RunLock | None" = None  # rank 0's hold on the run folder
 
     @property
     def checkpoints(self) -> Path:
@@ -70,8 +75,17 @@ class RunDir:
         """Create (or reopen) the run folder, refuse a mismatched one, and record the config."""
         root = Path(cfg.run_dir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
+        lock = RunLock.take(root) if launch_rank() == 0 else None  # before anything in it is read or written
+        try:
+            return cls._open(cfg, root, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    @classmethod
+    def _open(cls, cfg: DictConfig, root: Path, lock: "RunLock | None") -> "RunDir":
         saved = root / "config.yaml"
-        last = root / "checkpoints" / "last.ckpt"
         if saved.exists():
             previous = OmegaConf.load(saved)
             for key in IDENTITY_KEYS:
@@ -92,19 +106,165 @@ class RunDir:
             partial = saved.with_name(f".config.yaml.{os.getpid()}")
             OmegaConf.save(cfg, partial, resolve=True)
             os.replace(partial, saved)
-        step = checkpoint_step(last) if last.exists() else 0
-        if last.exists():
-            log.info("Resuming from %s (step %d)", last, step)
-        return cls(root=root, checkpoint=last if last.exists() else None, resume_step=step)
+        if launch_rank() == 0:
+            remove_partial_saves(root / "checkpoints")
+        checkpoint, step = resume_checkpoint(root / "checkpoints")
+        if checkpoint is not None:
+            log.info("Resuming from %s (step %d)", checkpoint, step)
+        return cls(root=root, checkpoint=checkpoint, resume_step=step, lock=lock)
+
+    def release(self) -> None:
+        """Let another launch use this run_dir (the kernel also does this when the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+class RunLock:
+    """One launch per run_dir: rank 0 holds an flock on run_dir/.lock for the run's life.
+
+    The kernel drops an flock when its process dies (killed, preempted, crashed), so a lock
+    left by a dead launch is taken over without asking; the pid and host written into the
+    file only make the refusal say who holds it. (flock on network filesystems: Lustre and
+    NFSv4 honour it across nodes when mounted with flock support, the default on most
+    clusters.)"""
+
+    def __init__(self, path: Path, handle) -> None:
+        self.path, self._handle = path, handle
+
+    @classmethod
+    def take(cls, root: Path) -> "RunLock":
+        path = root / ".lock"
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the run's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"run_dir {root} is in use by {holder}: one launch per run_dir (wait for it to end, "
+                "or use another run_dir)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        return cls(path, handle)
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from (truncated, not a checkpoint, or holding code)."""
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint's dict (tensors memory-mapped, not read), or CheckpointError.
+
+    Files are data, never code: `weights_only=True` refuses anything but tensors and plain
+    types, so a checkpoint carrying a pickle payload is rejected, never run. A sharded (FSDP)
+    checkpoint is a folder whose meta.pt holds everything but the tensors."""
+    sharded = path.is_dir()
+    file = path / "meta.pt" if sharded else path
+    try:
+        if not file.is_file() or file.stat().st_size == 0:
+            raise CheckpointError("missing or empty")
+        if sharded and not (path / ".metadata").is_file():
+            raise CheckpointError("no .metadata: an unfinished sharded save")
+        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=not sharded)
+    except CheckpointError:
+        raise
+    except Exception as err:  # truncated zip, pickle payload, not a torch file at all
+        raise CheckpointError(f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from err
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+        raise CheckpointError("no global_step: not a Lightning checkpoint")
+    # (A sharded checkpoint keeps weights and optimizer states in its .distcp files.)
+    if not sharded and ("state_dict" not in ckpt or "optimizer_states" not in ckpt):
+        raise CheckpointError("no weights or optimizer states")
+    return ckpt
 
 
 def checkpoint_step(path: Path) -> int:
-    """The global step stored in a Lightning checkpoint, read without loading its tensors.
-    A sharded (FSDP) checkpoint is a folder whose meta.pt holds everything but the tensors."""
-    if path.is_dir():
-        path = path / "meta.pt"
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=not path.name == "meta.pt")
-    return int(ckpt.get("global_step", 0))
+    """The global step stored in a Lightning checkpoint (read with weights_only, see read_checkpoint)."""
+    return int(read_checkpoint(path)["global_step"])
+
+
+def resume_checkpoint(checkpoints: Path) -> tuple[Path | None, int]:
+    """The checkpoint to resume from and its step: last.ckpt when it is intact, otherwise the
+    newest intact periodic one (with a warning), so a bad last.ckpt cannot crash every requeue."""
+    last = checkpoints / "last.ckpt"
+    candidates = sorted(checkpoints.glob("step*.ckpt"), reverse=True) if checkpoints.is_dir() else []
+    if not last.exists():
+        if candidates:
+            log.warning("%s has no last.ckpt: trying its periodic checkpoints", checkpoints)
+        else:
+            return None, 0
+    rejected = []
+    for path in ([last] if last.exists() else []) + candidates:
+        try:
+            step = checkpoint_step(path)
+        except CheckpointError as err:
+            log.warning("Not resuming from %s: %s", path, err)
+            rejected.append(path)
+            continue
+        if rejected:
+            log.warning("Resuming from the newest intact checkpoint %s (step %d) instead of %s",
+                        path, step, ", ".join(p.name for p in rejected))
+        return path, step
+    raise ConfigError(
+        f"no intact checkpoint in {checkpoints} ({', '.join(p.name for p in rejected)} are unreadable): "
+        "move them away to start this run afresh, or use another run_dir"
+    )
+
+
+def remove_partial_saves(checkpoints: Path) -> None:
+    """Temporary files of saves that a kill interrupted (the checkpoint they were to replace is intact)."""
+    leftovers = [*checkpoints.glob(".*.partial*"), *checkpoints.glob(".*.old")] if checkpoints.is_dir() else []
+    for partial in leftovers:
+        log.info("Removing %s, left by an interrupted save", partial)
+        if partial.is_dir():
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file next to it, syncs it, then renames it over the
+    target: a kill at any byte leaves the previous checkpoint whole.
+
+    Lightning's own save (fsspec transaction) writes the temporary file to /tmp and moves it,
+    which is a copy straight into the target, not a rename, when /tmp is another filesystem
+    (the usual case on cluster nodes, and the whole checkpoint is held in memory once more)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        fsync_dir(path.parent)
 
 
 def _identity(key: str, value):
@@ -188,6 +348,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback], mod
         # Our PreemptionHandler stops and requeues on SIGUSR1; Lightning's own SLURM requeue
         # would save a second, differently named checkpoint that our relaunch never reads.
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    plugins.append(AtomicCheckpointIO())
     return L.Trainer(
         plugins=plugins,
         accelerator=t.accelerator,

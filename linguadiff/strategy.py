@@ -25,6 +25,7 @@ up here (`fsdp_setup`):
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,34 @@ class ShardedFSDPStrategy(FSDPStrategy):
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
+        """A sharded checkpoint is written whole into a temporary folder next to its target, then
+        moved into place: a kill during the save leaves the previous folder of that name intact
+        (a kill between the two renames of the swap leaves none, and resuming falls back to the
+        newest intact periodic checkpoint)."""
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        import shutil
+
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(f".{path.name}.partial")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+        self.barrier("sharded_save_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("sharded_save_written")  # every rank's shard is on disk
+        if self.global_rank == 0:
+            with open(partial / "meta.pt", "rb+") as f:
+                os.fsync(f.fileno())
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if path.exists():
+                os.rename(path, old)
+            os.rename(partial, path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier("sharded_save_done")
+
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
         from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _get_sharded_state_dict_context
         from lightning.fabric.utilities.load import _METADATA_FILENAME
@@ -214,7 +243,7 @@ class ShardedFSDPStrategy(FSDPStrategy):
                                                               storage_reader=reader)
                     optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model=self.model, optim=optimizer,
                                                                             optim_state_dict=state[key]))
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return torch.load(path / _METADATA_FILENAME, weights_only=True)  # data, never code: see run.read_checkpoint
 
 
 def build_strategy(cfg: DictConfig, module: nn.Module, precision: str) -> str | Strategy:

@@ -141,6 +141,11 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     assert any(k.startswith("model.unet.") for k in stored) and any(k.startswith("model.adapter.") for k in stored)
     assert not any(k.startswith(("model.text_encoder.", "model.vae.")) for k in stored)  # frozen: from source
     assert any(STATE_KEY in k for k in stored)  # the EMA, sharded with the optimizer state
+    # Written aside and swapped in whole; read back as data only (weights_only).
+    assert not [p.name for p in last.parent.iterdir() if p.name.startswith(".")]
+    from linguadiff.run import checkpoint_step
+
+    assert checkpoint_step(last) == 2
 
     _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}))
     steps = [s for s, _ in scalars(run_dir, "train/loss")]

@@ -56,7 +56,7 @@ BAD = [
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val", ">= 0 or null"),
     ("stage=2 model.resolution=15", "model.resolution", "multiple of 2"),
     ("llm.layer_mix=sum", "llm.layer_mix", "mean | concat"),
-    ("llm.bos=maybe", "llm.bos", "auto | none"),
+    ("llm.bos=maybe", "llm.bos", "auto, none"),  # refused when the config is read (linguadiff/config.py)
     ("loss.encoder_weights=[1.0,1.0]", "loss.encoder_weights", "1 weight(s) >= 0"),
     ("llm.max_length=0", "llm.max_length", ">= 1"),
     ("llm.layers=[]", "llm.layers", "non-empty list"),
