@@ -49,6 +49,7 @@ OPTIONS = {
     "dtype": "auto",  # auto: bfloat16 on GPUs, float32 on CPUs
     "base": None,  # override the base model path recorded in the export
     "llm": None,  # override the LLM path recorded in the export
+    "llm.trust_remote_code": False,  # run the LLM repository's own code, if an export says it needs it
 }
 
 
@@ -67,6 +68,7 @@ def run_dirs_of(value) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from linguadiff.models.prompt_encoder import RemoteCodeRefused
     from train import setup_logging
 
     setup_logging()
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = EvalSettings.from_args(args, *resolve_device(args["device"], args["dtype"]))
         tools = SharedTools(settings)
         reports = [evaluate_run(run_dir, settings, tools) for run_dir in run_dirs]
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, RemoteCodeRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(comparison_table(run_names(run_dirs), [r.metrics for r in reports]))

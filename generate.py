@@ -34,6 +34,7 @@ OPTIONS = {
     "dtype": "auto",  # auto: bfloat16 on GPUs, float32 on CPUs
     "base": None,  # override the base model path recorded in the export
     "llm": None,  # override the LLM path recorded in the export
+    "llm.trust_remote_code": False,  # run the LLM repository's own code, if the export says it needs it
 }
 
 
@@ -62,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from linguadiff.generation import Generator, resolve_device
+    from linguadiff.models.prompt_encoder import RemoteCodeRefused
 
     device, dtype = resolve_device(args["device"], args["dtype"])
     try:
-        generator = Generator.from_run(args["run_dir"], device=device, dtype=dtype, base_path=args["base"], llm_path=args["llm"])
-    except FileNotFoundError as err:
+        generator = Generator.from_run(args["run_dir"], device=device, dtype=dtype, base_path=args["base"], llm_path=args["llm"],
+                                       trust_remote_code=args["llm.trust_remote_code"])
+    except (FileNotFoundError, RemoteCodeRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = generator(

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
             student_texts = synthetic_prompts(args.batch_size, args.min_chars, args.max_chars, rng)
             teacher_texts = student_texts
         # The stage module checks the shapes and sets what trains, exactly as train.py does.
-        module = Stage1Alignment(StageSettings.from_config(cfg), AlignmentSettings.from_config(cfg),
+        module = Stage1Alignment(StageSettings.from_config(cfg), AlignmentSettings.from_config(cfg, teacher.context_parts),
                                  PromptEncoder.with_new_adapter(encoder, cfg.adapter), teacher).to(device)
         module.on_fit_start()  # asserts the trainable set; computes the empty-prompt target
         optimizer = module.configure_optimizers()["optimizer"]

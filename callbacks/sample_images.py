@@ -50,11 +50,20 @@ class SampleImages(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every > 0 and step % self.every == 0 and step > 0:
-            self.draw(trainer, pl_module)
+            self.draw_or_warn(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.every > 0 and trainer.global_step % self.every:
-            self.draw(trainer, pl_module)
+            self.draw_or_warn(trainer, pl_module)
+
+    def draw_or_warn(self, trainer: L.Trainer, pl_module) -> Path | None:
+        """A grid is for people to look at: if drawing fails (a prompt, a dtype, the disk),
+        say so and train on; a night's run must not die for a picture."""
+        try:
+            return self.draw(trainer, pl_module)
+        except Exception:  # noqa: BLE001 - any failure of a side task
+            log.exception("Sample grid at step %d failed; training goes on", trainer.global_step)
+            return None
 
     def draw(self, trainer: L.Trainer, pl_module) -> Path | None:
         """Rank 0 draws and saves; under FSDP every rank runs the same forward passes (each

@@ -91,6 +91,7 @@ class EvalSettings:
     dtype: str
     base: str | None
     llm: str | None
+    trust_remote_code: bool = False  # the user's `llm.trust_remote_code=true`: an export's LLM may run its own code
 
     @classmethod
     def from_args(cls, args: dict[str, Any], device: str, dtype: str) -> "EvalSettings":
@@ -112,7 +113,8 @@ class EvalSettings:
         fields = {k: args[k] for k in cls.__dataclass_fields__ if k in args}
         for name in ("clip", "inception_weights", "aesthetic_head", "base", "llm"):  # paths, even if YAML reads a number
             fields[name] = None if fields[name] is None else str(fields[name])
-        fields.update(sets=sets, languages=languages, device=device, dtype=dtype)
+        fields.update(sets=sets, languages=languages, device=device, dtype=dtype,
+                      trust_remote_code=bool(args.get("llm.trust_remote_code", False)))
         return cls(**fields)
 
     def describe(self) -> dict[str, Any]:
@@ -322,13 +324,21 @@ def text_set(generator: Generator, cfg: DictConfig | None, settings: EvalSetting
     if cfg is None:
         report.skipped["text"] = "no config.yaml in run_dir (the stage-1 measures use the run's loss settings)"
         return
-    urls = held_out_text_urls(settings.text, cfg)
+    try:
+        urls = held_out_text_urls(settings.text, cfg)
+    except SavedCommandRefused as err:
+        report.skipped["text"] = str(err)
+        return
     if urls is None:
         report.skipped["text"] = ("no held-out parallel text: give text=SHARD_URLS (stage-1 text shards)"
                                   if settings.text != "none" else "text=none")
         return
     pool = settings.text_pool or int(cfg.eval.retrieval_pool)
     report.metrics.update(held_out_text_metrics(generator.encoder, cfg, urls, pool, base_path=settings.base))
+
+
+class SavedCommandRefused(ValueError):
+    """A saved config asks to run a command (a `pipe:` URL) that the user did not give."""
 
 
 def held_out_text_urls(option: str, cfg: DictConfig) -> str | None:
@@ -338,7 +348,12 @@ def held_out_text_urls(option: str, cfg: DictConfig) -> str | None:
     if option != "auto":
         return option
     if int(cfg.stage) == 1 and OmegaConf.select(cfg, "data.val.urls"):
-        return str(cfg.data.val.urls)
+        urls = str(cfg.data.val.urls)
+        if "pipe:" in urls:  # a run folder is a file from elsewhere: its config does not get to run commands
+            raise SavedCommandRefused(
+                "the run's saved config reads its validation text through a pipe: command, which is not run on a "
+                "saved file's say-so: give text=SHARD_URLS on the command line to measure it")
+        return urls
     if OmegaConf.select(cfg, "presets.data") == "demo":
         return demo_data.demo_shard_urls(1, "val")
     return None
@@ -405,7 +420,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> R
 
     started = time.perf_counter()
     generator = Generator.from_run(run_dir, device=settings.device, dtype=settings.dtype, base_path=settings.base,
-                                   llm_path=settings.llm)
+                                   llm_path=settings.llm, trust_remote_code=settings.trust_remote_code)
     demo = generator.kind == "demo"
     report = Report(run_dir, header=run_header(run_dir, generator, settings))
     report.timings_s["load"] = time.perf_counter() - started

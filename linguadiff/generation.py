@@ -72,9 +72,13 @@ class Generator:
         dtype: str = "float32",
         base_path: str | None = None,
         llm_path: str | None = None,
+        trust_remote_code: bool = False,
     ) -> "Generator":
+        """The run's export (`run_dir`, its export folder or the adapter file) with its base.
+        `trust_remote_code`: the user allows the LLM's remote code if its metadata asks for it."""
         adapter_path = find_adapter(run_dir)
-        encoder, meta = PromptEncoder.from_export(adapter_path, llm_path=llm_path, dtype=dtype)
+        encoder, meta = PromptEncoder.from_export(adapter_path, llm_path=llm_path, dtype=dtype,
+                                                  trust_remote_code=trust_remote_code)
         base = meta["base_model"]
         kind, path = base["kind"], base_path or base["path"]
         # A stage-2/3 export carries its trained UNet beside the adapter.

@@ -81,8 +81,9 @@ def test_run_dir_refuses_another_experiment(tmp_path):
     cfg = resolve(load_config([f"run_dir={tmp_path}", "data=custom"]))
     run = RunDir.prepare(cfg)
     assert (tmp_path / "config.yaml").is_file() and run.checkpoint is None and run.resume_step == 0
+    run.release()  # the launch ends (one launch per run_dir holds its lock)
     # A longer run of the same experiment is fine ...
-    RunDir.prepare(resolve(load_config([f"run_dir={tmp_path}", "data=custom", "trainer.max_steps=99"])))
+    RunDir.prepare(resolve(load_config([f"run_dir={tmp_path}", "data=custom", "trainer.max_steps=99"]))).release()
     # ... another LLM in the same run_dir is not.
     with pytest.raises(ConfigError, match="llm.path"):
         RunDir.prepare(resolve(load_config([f"run_dir={tmp_path}", "data=custom", "llm=qwen2.5-1.5b"])))

@@ -82,12 +82,25 @@ class PromptEncoder(nn.Module):
         llm_path: str | None = None,
         dtype: str | None = None,
         device: torch.device | None = None,
+        trust_remote_code: bool = False,
     ) -> tuple["PromptEncoder", dict[str, Any]]:
         """Rebuild from an exported adapter file alone: its metadata names the LLM, its layers
         and its tokenizer settings. Returns ``(encoder, metadata)``, in eval mode, nothing
-        trainable. `llm_path` points at a local copy of the LLM, `dtype` overrides its dtype."""
+        trainable. `llm_path` points at a local copy of the LLM, `dtype` overrides its dtype.
+
+        An export is a file from elsewhere: when its metadata says the LLM needs remote code,
+        that code runs only if the caller allows it (`trust_remote_code`, from the user's own
+        command line); otherwise `RemoteCodeRefused` says so and how to allow it."""
         adapter, meta = QueryAdapter.from_file(adapter_path)
-        text_encoder = LLMTextEncoder.from_settings(meta["llm"], path=llm_path, dtype=dtype, device=device)
+        wants_code = bool(meta["llm"].get("trust_remote_code"))
+        if wants_code and not trust_remote_code:
+            raise RemoteCodeRefused(
+                f"{adapter_path}: its LLM {meta['llm'].get('path')!r} needs the remote code of its model repository "
+                "(trust_remote_code), which is not run on an export's say-so: if you trust it, allow it on the "
+                "command line with llm.trust_remote_code=true"
+            )
+        text_encoder = LLMTextEncoder.from_settings(meta["llm"], path=llm_path, dtype=dtype, device=device,
+                                                    trust_remote_code=wants_code and trust_remote_code)
         encoder = cls(text_encoder, adapter.requires_grad_(False))
         return encoder.eval(), meta
 
@@ -163,6 +176,10 @@ class PromptEncoder(nn.Module):
         """Prompts of any language and length -> conditioning, on the adapter's device (inference)."""
         tokens = self.tokenize(prompts)
         return self(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+
+
+class RemoteCodeRefused(ValueError):
+    """An export asks to run its LLM's remote code and the user has not allowed it."""
 
 
 #: The config's `adapter` keys that size a QueryAdapter (its LLM width comes from the LLM).

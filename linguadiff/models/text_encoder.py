@@ -289,10 +289,12 @@ class LLMTextEncoder(nn.Module):
 
     @classmethod
     def from_settings(
-        cls, settings: Mapping[str, Any], path: str | None = None, dtype: str | None = None, device: torch.device | None = None
+        cls, settings: Mapping[str, Any], path: str | None = None, dtype: str | None = None, device: torch.device | None = None,
+        trust_remote_code: bool | None = None,
     ) -> "LLMTextEncoder":
         """Build from the config's `llm` section or an export's `llm` metadata (same keys;
-        an older export's `add_bos` is read as `bos`, see `bos_setting`)."""
+        an older export's `add_bos` is read as `bos`, see `bos_setting`). `trust_remote_code`
+        overrides the settings' own: a file's metadata must not decide to run code."""
         encoder = cls(
             path or settings["path"],
             dtype=dtype or settings["dtype"],
@@ -300,7 +302,7 @@ class LLMTextEncoder(nn.Module):
             layers=tuple(settings["layers"]),
             layer_mix=settings["layer_mix"],
             bos=bos_setting(settings),
-            trust_remote_code=settings["trust_remote_code"],
+            trust_remote_code=settings["trust_remote_code"] if trust_remote_code is None else trust_remote_code,
             revision=settings.get("revision"),
             device=device,
         )
