@@ -117,3 +117,23 @@ def test_paper_size_parameter_count() -> None:
     count = sum(p.numel() for p in adapter.parameters())
     assert abs(count - 487e6) / 487e6 < 0.01, count
     assert all(p.is_meta for p in adapter.parameters())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"dim": 1_000_000, "ffn_dim": 4_000_000}, "do not match"),  # a header claiming a ~100 TB adapter
+        ({"heads": 5}, "does not describe a valid adapter"),  # 5 heads cannot split width 32
+        ({"dim": "32"}, "positive integers"),
+        ({"encoder_layers": -1}, "positive integers"),
+    ],
+)
+def test_a_hostile_adapter_header_allocates_nothing(tmp_path: Path, change: dict, message: str) -> None:
+    """Sizes in a file's metadata are checked against the tensors the file really holds (on the
+    meta device) before anything is built: a lying header is an error, never an allocation."""
+    state = {name: t.contiguous() for name, t in make_adapter().state_dict().items()}
+    config = {**make_adapter().config, **change}
+    path = tmp_path / "hostile.safetensors"
+    save_file(state, str(path), metadata={"format": "linguadiff-adapter", "adapter_config": json.dumps(config)})
+    with pytest.raises(ValueError, match=message):
+        QueryAdapter.from_file(path)

@@ -124,13 +124,37 @@ class QueryAdapter(nn.Module):
         ``metadata`` is what was given to ``save`` (decoded). Weights load strictly.
         """
         header = read_adapter_metadata(path)
-        adapter = cls(**header.pop("adapter_config"))
+        config = header.pop("adapter_config")
+        # The file is from elsewhere: its header could describe a terabyte adapter. Build it
+        # on the meta device first (no memory) and compare with the tensors the file really
+        # holds, so nothing is allocated beyond what is on disk.
+        expected = _shapes_for(config, path)
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if stored != expected:
+            wrong = sorted(set(stored) ^ set(expected)) or [n for n in expected if stored[n] != expected[n]]
+            raise ValueError(f"{path}: weights do not match the adapter its metadata describes (e.g. {wrong[:3]})")
+        adapter = cls(**config)
         state = load_file(str(path), device=str(map_location))
         try:
             adapter.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"{path}: weights do not match the adapter its metadata describes: {err}") from err
         return adapter.to(map_location), header
+
+
+def _shapes_for(config: Any, path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the adapter `config` describes, computed on the meta device."""
+    keys = ("llm_dim", "dim", "num_queries", "encoder_layers", "decoder_layers", "heads", "ffn_dim", "pooled_dim")
+    if not isinstance(config, dict) or set(config) != set(keys) or not all(
+            (isinstance(config[k], int) and not isinstance(config[k], bool) and config[k] >= (0 if "layers" in k else 1))
+            or (k == "pooled_dim" and config[k] is None) for k in keys):
+        raise ValueError(f"{path}: adapter_config must give {', '.join(keys)} as positive integers, got {config!r}")
+    try:
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in QueryAdapter(**config).state_dict().items()}
+    except (ValueError, RuntimeError, AssertionError) as err:  # e.g. heads not dividing dim
+        raise ValueError(f"{path}: adapter_config {config} does not describe a valid adapter: {err}") from None
 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
