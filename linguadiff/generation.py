@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from linguadiff.export import ADAPTER_FILE
+from linguadiff.models.adapter import read_adapter_metadata
 from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.models.text_encoder import torch_dtype
 
@@ -75,8 +76,18 @@ class Generator:
         trust_remote_code: bool = False,
     ) -> "Generator":
         """The run's export (`run_dir`, its export folder or the adapter file) with its base.
-        `trust_remote_code`: the user allows the LLM's remote code if its metadata asks for it."""
+        `trust_remote_code`: the user allows the LLM's remote code if its metadata asks for it.
+
+        The LLM and base the export's metadata names are loaded only from this machine (a
+        local folder or the Hugging Face cache): an export is a file from elsewhere, and does
+        not get to start downloads. `llm_path` / `base_path`, the user's own choice, may."""
         adapter_path = find_adapter(run_dir)
+        meta = read_adapter_metadata(adapter_path)
+        if llm_path is None:
+            require_on_this_machine(meta["llm"]["path"], "LLM", "llm", meta["llm"].get("revision"), "config.json")
+        if base_path is None:
+            base = meta["base_model"]
+            require_on_this_machine(base["path"], "base model", "base", base.get("revision"), "model_index.json")
         encoder, meta = PromptEncoder.from_export(adapter_path, llm_path=llm_path, dtype=dtype,
                                                   trust_remote_code=trust_remote_code)
         base = meta["base_model"]
@@ -200,6 +211,24 @@ def latents_to_images(pipeline, latents: torch.Tensor) -> list[Image.Image]:
     if getattr(pipeline, "watermark", None) is not None:
         images = pipeline.watermark.apply_watermark(images)
     return pipeline.image_processor.postprocess(images.cpu(), output_type="pil")
+
+
+def require_on_this_machine(name: str, what: str, option: str, revision: str | None, marker: str) -> None:
+    """FileNotFoundError unless `name` is a local folder or a Hugging Face model already in the
+    cache (its `marker` file); the message says how to allow the download."""
+    if Path(name).expanduser().exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, marker, revision=revision)
+    except ValueError:  # not a Hub name either (a folder of another machine, say)
+        cached = None
+    if not isinstance(cached, str):
+        raise FileNotFoundError(
+            f"the export names the {what} {name!r}, which is neither a folder nor in the Hugging Face cache of "
+            f"this machine; downloads are not started on an export's say-so: give {option}=NAME_OR_FOLDER on the "
+            f"command line ({option}={name} to download that one)")
 
 
 def load_pipeline(kind: str, path: str, unet_dir: Path | None, dtype: torch.dtype, revision: str | None):

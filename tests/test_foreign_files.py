@@ -88,3 +88,23 @@ def test_a_failing_sample_grid_is_logged_and_training_goes_on(tmp_path, caplog):
     callback.on_train_batch_end(trainer, module, None, None, 0)  # must not raise
     assert module.training  # put back in training mode
     assert "Sample grid at step 2 failed; training goes on" in caplog.text and "bias type" in caplog.text
+
+
+def test_an_export_naming_models_not_on_this_machine_starts_no_download(tmp_path, capsys):
+    """The LLM and base an export names load from this machine only (a folder or the Hugging Face
+    cache); fetching them is the user's call on the command line."""
+    run_dir = tmp_path / "run"
+    write_demo_export(run_dir, path="some-org/an-llm-not-on-this-machine")
+    assert generate.main([f"run_dir={run_dir}", "prompt=a red circle", f"out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "downloads are not started on an export's say-so" in err and "llm=some-org/an-llm-not-on-this-machine" in err
+
+    meta_dir = tmp_path / "run2"
+    write_demo_export(meta_dir)
+    from linguadiff.models.adapter import QueryAdapter
+
+    adapter, meta = QueryAdapter.from_file(meta_dir / "export" / "adapter.safetensors")
+    meta["base_model"]["path"] = "/a/folder/of/another/machine"
+    adapter.save(meta_dir / "export" / "adapter.safetensors", meta)
+    assert evaluate.main([f"run_dir={meta_dir}", "sets=[text]"]) == 2
+    assert "give base=NAME_OR_FOLDER" in capsys.readouterr().err
