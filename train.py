@@ -15,8 +15,14 @@ import signal
 # models; its default action kills the process (and `srun --kill-on-bad-exit` then fails the
 # job instead of requeueing it). So the first thing done is to note it; main() acts on it.
 _EARLY_SIGNALS: list[int] = []
+
+
+def _note_early_signal(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    _EARLY_SIGNALS.append(signum)
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+    signal.signal(signal.SIGUSR1, _note_early_signal)
 
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -48,7 +54,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
     """Returns the exit status. `extra_callbacks`: more Lightning callbacks (tools and tests)."""
     if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:  # called as a function, not as the script
-        signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+        signal.signal(signal.SIGUSR1, _note_early_signal)
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers run in the data workers
     try:

@@ -2,6 +2,7 @@
 (stages 2-3) datamodules share; a subclass only says how to build its stream."""
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +46,7 @@ class ShardDataModule(L.LightningDataModule):
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
         self.train_spec = to_plain(train)
+        self._unsynced_skips: Counter[str] = Counter()  # this rank's, since the last sum over ranks
         self.val_spec = to_plain(val)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -133,13 +135,27 @@ class ShardDataModule(L.LightningDataModule):
         """Sums the workers' skip counts over all ranks, so that `data/skipped_*` (logged by
         rank 0 from what the stage module adds up) covers the whole run, not rank 0's share.
 
-        Only for training batches, where every rank runs the same number of steps (one
-        all_reduce of a small vector per step). Validation batches differ in number between
+        Only for training batches, where every rank runs the same steps. The sum is taken
+        every `log_every_n_steps` steps (and at the last), not every step: reading the summed
+        vector back waits for the device, which would stall the next step's launch each step;
+        batches in between carry no counts and the totals come a few steps late (a kill
+        loses at most that window of counts). Validation batches differ in number between
         ranks, so their counts stay per rank: they are to be gathered once at the end of the
         validation epoch (`linguadiff.distributed.gather_objects`) by whoever logs them."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or not isinstance(batch, dict) or not isinstance(batch.get("skipped"), dict):
             return batch
+        if not trainer.training or group_rank_and_world()[1] == 1:
+            return batch
+        self._unsynced_skips.update(batch["skipped"])
+        step, every = int(getattr(trainer, "global_step", 0)), max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+        last = step + 1 >= int(getattr(trainer, "max_steps", 0) or 0) > 0
+        if step % every == 0 or last:  # the same steps on every rank: equal collective calls
+            batch["skipped"] = sum_over_ranks(self._unsynced_skips, trainer.strategy.root_device)
+            self._unsynced_skips = Counter()
+        else:
+            batch["skipped"] = {}
+        return batch
         if trainer.training:
             batch["skipped"] = sum_over_ranks(batch["skipped"], trainer.strategy.root_device)
         return batch

@@ -390,6 +390,12 @@ def _rank_sums(rank: int, world: int, port: int, out: str) -> None:
                                          strategy=SimpleNamespace(root_device=torch.device("cpu")))
         mine = {"bad_json": rank + 1, "empty_caption": 2} if rank == 0 else {"bad_json": 5, "new_reason": 1}
         summed = module.on_after_batch_transfer({"skipped": mine, "key": []}, 0)["skipped"]
+        # Between sums (every log_every_n_steps) counts wait on their rank, then arrive together.
+        module.trainer.global_step, module.trainer.log_every_n_steps, module.trainer.max_steps = 11, 10, 100
+        assert module.on_after_batch_transfer({"skipped": mine, "key": []}, 0)["skipped"] == {}
+        module.trainer.global_step = 20
+        assert module.on_after_batch_transfer({"skipped": mine, "key": []}, 0)["skipped"] == {
+            k: 2 * v for k, v in summed.items()}
         module.trainer.training, module.trainer.validating = False, True  # per rank: never a collective
         assert module.on_after_batch_transfer({"skipped": mine}, 0)["skipped"] == mine
         Path(out, f"{rank}.json").write_text(json.dumps(summed))
