@@ -101,8 +101,6 @@ def _train(cfg, run, extra_callbacks: tuple) -> int:
     try:
         L.seed_everything(cfg.seed, workers=True)
         module = stage_class(cfg.stage).from_config(cfg)
-        # A resumed run reads fresh samples instead of replaying the stream from its start.
-        cfg.seed = int(cfg.seed) + run.resume_step
         datamodule = build_datamodule(cfg, module.tokenizers())
     except ConfigError as err:  # a setting that cannot work: say which, no traceback
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,11 @@ rank), and each checkpoint stores the generator states (Python, NumPy, torch CPU
 of every rank, gathered to the one file rank 0 writes; a resumed run with the same number
 of ranks puts each rank's states back, so it draws what the uninterrupted run would have.
 With another number of ranks it reseeds from (seed, rank, step) instead and says so.
+
+Validation inside a fit draws from the same generators (noise, timesteps) but leaves them as
+it found them: a checkpoint is written at the end of a step, before that step's validation,
+so a run resumed from it (which does not validate that step again) would otherwise draw
+other noise for every later step than the uninterrupted run did.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class RNGState(L.Callback):
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
         self._loaded: dict[str, Any] | None = None
+        self._before_validation: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while a checkpoint is assembled: gather them all.
@@ -77,3 +83,12 @@ class RNGState(L.Callback):
             log.warning("The checkpoint holds random states of %d ranks, this run has %d: reseeding instead "
                         "(training goes on, but not bit for bit as it would have)", len(saved), world)
         seed_all(derived_seed(self.seed, rank, trainer.global_step))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._before_validation = collect_rng_states()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._before_validation is not None:
+            set_rng_states(self._before_validation)
+            self._before_validation = None

@@ -2,13 +2,15 @@
 (stages 2-3) datamodules share; a subclass only says how to build its stream."""
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -17,7 +19,7 @@ from datamodules.sources import ShardSource, parse_sources
 from datamodules.streams import Tokenizer
 from datamodules.tar_reading import count_samples
 from linguadiff.config import to_plain
-from linguadiff.distributed import group_rank_and_world
+from linguadiff.distributed import gather_objects, group_rank_and_world
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -58,6 +60,13 @@ class ShardDataModule(L.LightningDataModule):
         self.val_sources: list[ShardSource] | None = None
         # FSDP: every rank must get as many validation batches as the others (`even_share`).
         self.even_val_batches = False
+        # Where this rank's training stream stands after the last batch a step took: the
+        # position of every DataLoader worker and whose batch comes next (`state_dict`).
+        self._stream_seed = seed
+        self._positions: dict[int, dict[str, Any]] = {}
+        self._next_worker = 0
+        self._taken: dict[str, Any] | None = None  # the position after the batch a step is working on
+        self._saved_streams: list[dict[str, Any]] | None = None  # from the checkpoint resumed
 
     def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
         """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
@@ -114,16 +123,91 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, sources: list[ShardSource], *, train: bool) -> DataLoader:
         rank, world_size = group_rank_and_world()
         batch_size = self.batch_size if train else self.val_batch_size
+        if train:
+            self._resume_stream(sources, rank, world_size)
         stream = self._stream(sources, train=train, batch_size=batch_size, rank=rank, world_size=world_size)
         stream.even_batches = self.even_val_batches and not train
-        # batch_size=None: the workers already return whole batches.
+        if train:
+            stream.seed = self._stream_seed
+            stream.resume_positions, stream.first_worker = dict(self._positions), self._next_worker
+        # batch_size=None: the workers already return whole batches. The loader's own
+        # generator: starting its workers draws a seed, which from the global generator would
+        # shift the training noise by where Lightning happens to start the iterator (not the
+        # same place in a resumed run). The streams draw from generators of their own.
         return DataLoader(
             stream,
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(int(self._stream_seed)),
         )
+
+    # ------------------------------------------------------------ where the stream stands
+
+    def _stream_fingerprint(self, sources: list[ShardSource], world_size: int) -> str:
+        """What a saved stream position is only valid for: the shards and their weights, the
+        shuffle block and how the data is split (ranks x workers)."""
+        identity = [[(list(source.urls), source.weight) for source in sources], self.shuffle_buffer,
+                    world_size, max(1, self.num_workers)]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's training-stream position (gathered: rank 0 writes the checkpoint), in
+        plain types: Lightning reads checkpoints with `weights_only`."""
+        if self.train_sources is None:
+            return {}
+        rank, world_size = group_rank_and_world()
+        mine = {"fingerprint": self._stream_fingerprint(self.train_sources, world_size), "seed": self._stream_seed,
+                "workers": dict(self._positions), "next_worker": self._next_worker}
+        return {"train_streams": gather_objects(mine)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        streams = state_dict.get("train_streams") if isinstance(state_dict, Mapping) else None
+        self._saved_streams = list(streams) if isinstance(streams, (list, tuple)) else None
+
+    def _resume_stream(self, sources: list[ShardSource], rank: int, world_size: int) -> None:
+        """Puts this rank's training stream where the checkpoint resumed left it, or, when the
+        checkpoint cannot say (older checkpoint, other shards, ranks or workers), reseeds it
+        from the step so that a resumed run does not replay the samples it began with."""
+        trainer = getattr(self, "trainer", None)
+        step = int(getattr(trainer, "global_step", 0) or 0) if trainer is not None else 0
+        saved, problem = self._saved_streams, None
+        if saved is None:
+            problem = "the checkpoint holds no data-stream position (written by an older version)"
+        elif len(saved) != world_size:
+            problem = f"the checkpoint's stream was read by {len(saved)} ranks, this run has {world_size}"
+        elif not isinstance(saved[rank], Mapping) or saved[rank].get("fingerprint") != self._stream_fingerprint(
+                sources, world_size):
+            problem = "the shards, their weights, data.shuffle_buffer or data.num_workers changed"
+        if problem is None:
+            mine = saved[rank]
+            self._stream_seed = int(mine["seed"])
+            self._positions = {int(worker): dict(state) for worker, state in dict(mine["workers"]).items()}
+            self._next_worker = int(mine["next_worker"])
+            rank_zero_info(f"train data: resuming the stream where step {step} left it")
+        elif step > 0:
+            self._stream_seed = int(self.seed) + step
+            self._positions, self._next_worker = {}, 0
+            rank_zero_warn(f"train data: cannot continue the stream exactly ({problem}); reading a stream "
+                           f"reseeded from step {step} instead")
+        self._saved_streams = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Takes the stream position off a training batch as a step takes it (batches are
+        prefetched: the DataLoader's own position is ahead of the steps)."""
+        position = batch.pop("stream_position", None) if isinstance(batch, dict) else None
+        if position is not None:
+            self._taken = position
+        return batch
+
+    def step_done(self) -> None:
+        """The step that took the last batch has finished with it: from now on a checkpoint
+        says the stream stands after that batch (`callbacks.StreamPosition` calls this)."""
+        if self._taken is not None:
+            position, self._taken = self._taken, None
+            self._positions[int(position["worker"])] = position["state"]
+            self._next_worker = (int(position["worker"]) + 1) % max(1, int(position["workers"]))
 
     def _stream(
         self, sources: list[ShardSource], *, train: bool, batch_size: int, rank: int, world_size: int
@@ -155,7 +239,4 @@ class ShardDataModule(L.LightningDataModule):
             self._unsynced_skips = Counter()
         else:
             batch["skipped"] = {}
-        return batch
-        if trainer.training:
-            batch["skipped"] = sum_over_ranks(batch["skipped"], trainer.strategy.root_device)
         return batch

@@ -83,13 +83,14 @@ from datamodules.skips import SkipCounter
 from datamodules.sources import ShardSource, parse_language_weights
 from datamodules.streams import (
     Consumer,
+    ReadPosition,
     ShardStream,
     Tokenizer,
+    TrainingOrder,
     UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
-    mix_streams,
-    shuffled,
+    random_from,
 )
 
 logger = logging.getLogger(__name__)
@@ -476,8 +477,9 @@ class ImageTextStream(ShardStream):
     """Batches of examples from shard sources; one instance per DataLoader.
 
     Everything runs in the DataLoader workers: reading, shuffling, decoding, batching and
-    tokenizing. The shuffle buffer holds raw (still encoded) samples: a buffer of decoded
-    1024 px float images would cost 12 MB per entry.
+    tokenizing. The shuffle blocks hold raw (still encoded) samples: a block of decoded
+    1024 px float images would cost 12 MB per entry. Training batches carry the stream's
+    position after them (`ShardStream.with_position`).
     """
 
     tokenized_fields = TOKENIZED_FIELDS
@@ -487,36 +489,56 @@ class ImageTextStream(ShardStream):
         self.decoder = decoder
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        train = self.decoder.train
-        reader, consumer = self._consumers(train)
         skips = SkipCounter()
-        # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
-        rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
         self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
-        examples = self._examples(self._raw_samples(reader, skips, rng), skips, rng)
-        batches = batches_with_skips(examples, self.batch_size, not train, skips, self._collate)
-        yield from self._share(batches, train, consumer)
+        if self.decoder.train:
+            yield from self._train_batches(skips)
+            return
+        # Validation: every source once, in order, the same pool every time.
+        reader, consumer = self._consumers(train=False)
+        raw_samples = itertools.chain.from_iterable(
+            self._source_samples(index, reader, skips, infinite=False) for index in range(len(self.sources))
+        )
+        examples = self._examples(raw_samples, skips, random.Random(self.seed))
+        batches = batches_with_skips(examples, self.batch_size, True, skips, self._collate)
+        yield from self._share(batches, False, consumer)
 
-    def _raw_samples(
-        self, consumer: Consumer, skips: SkipCounter, rng: random.Random
+    def _train_batches(self, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Endless full batches, each with the stream's position after it (a resumed stream
+        starts where `resume_positions` says)."""
+        consumer = self.training_consumer()
+        saved = self.resume_positions.get(consumer.worker_id, {})
+        # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
+        seed = f"{self.seed}:{consumer.rank}:{consumer.worker_id}"
+        rng = random_from(seed, saved.get("sample_rng"))  # captions, dropout, crops, flips
+        if saved.get("signature") is not None:
+            self._signature = saved["signature"]
+        order = TrainingOrder(
+            lambda positions: [
+                self._source_samples(index, consumer, skips, infinite=True, position=positions[index])
+                for index in range(len(self.sources))
+            ],
+            [source.weight for source in self.sources], self.shuffle_buffer, seed, skips, saved.get("order"),
+        )
+        examples = self._examples(iter(order), skips, rng)
+        for batch in batches_with_skips(examples, self.batch_size, False, skips, self._collate):
+            state = {"order": order.state(), "sample_rng": rng.getstate(), "signature": getattr(self, "_signature", None)}
+            yield self.with_position(batch, consumer, state)
+
+    def _source_samples(
+        self, index: int, consumer: Consumer, skips: SkipCounter, *, infinite: bool, position: ReadPosition | None = None
     ) -> Iterator[dict[str, Any]]:
-        train = self.decoder.train
-        streams = [
-            iter_consumer_samples(
-                source.urls,
-                consumer,
-                skips,
-                infinite=train,
-                seed=f"{self.seed}:{index}",
-                wanted=is_image_text_member,
-                on_pass=lambda size, index=index: self._guard.pass_done(index, size),
-            )
-            for index, source in enumerate(self.sources)
-        ]
-        if not train:  # every source once, in order: the same pool every validation
-            return itertools.chain.from_iterable(streams)
-        mixed = mix_streams(streams, [source.weight for source in self.sources], rng)
-        return shuffled(mixed, self.shuffle_buffer, rng)
+        """Raw samples of source `index` for `consumer`; the shuffle comes after, on raw bytes."""
+        return iter_consumer_samples(
+            self.sources[index].urls,
+            consumer,
+            skips,
+            infinite=infinite,
+            seed=f"{self.seed}:{index}",
+            wanted=is_image_text_member,
+            on_pass=lambda size: self._guard.pass_done(index, size),
+            position=position,
+        )
 
     def _examples(
         self, raw_samples: Iterator[dict[str, Any]], skips: SkipCounter, rng: random.Random

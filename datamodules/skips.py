@@ -70,6 +70,15 @@ class SkipCounter:
         self.totals: Counter[str] = Counter()
         self._since_take: Counter[str] = Counter()
         self._logged = 0
+        self._muted = 0  # > 0 while inputs counted before a resume are read again
+
+    def mute(self) -> None:
+        """Stop counting until the matching `unmute` (nested calls nest): for samples a
+        resumed stream reads again only to find its place, whose skips were counted before."""
+        self._muted += 1
+
+    def unmute(self) -> None:
+        self._muted -= 1
 
     @classmethod
     def discarding(cls) -> SkipCounter:
@@ -77,7 +86,7 @@ class SkipCounter:
         return cls(enabled=False)
 
     def skip(self, reason: str, url: str, key: str, detail: str = "", warn: bool = True) -> None:
-        if not self.enabled:
+        if not self.enabled or self._muted:
             return
         self.totals[reason] += 1
         self._since_take[reason] += 1

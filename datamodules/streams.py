@@ -3,17 +3,20 @@
 - `Consumer` / `iter_consumer_samples`: which shards and samples one (rank, DataLoader worker)
   reads, for a finite stream (each sample exactly once across all consumers) or an infinite
   one (shards reshuffled every pass).
-- `mix_streams`, `shuffled`, `batched`, `batches_with_skips`, `even_share`: the small stream
-  combinators the datamodules chain; the batching hands skip counts to the main process
-  inside every batch.
-- `ShardStream`: the IterableDataset both the text and image-text streams build on.
+- `mix_streams`, `TrainingOrder`, `batched`, `batches_with_skips`, `even_share`: the small
+  stream combinators the datamodules chain; the batching hands skip counts to the main
+  process inside every batch.
+- `ShardStream`: the IterableDataset both the text and image-text streams build on. Its
+  training batches carry the stream's position after them (`stream_position`), so that a
+  checkpoint can say where the data stream stood at its step and a resumed run reads on
+  from exactly there.
 """
 from __future__ import annotations
 
 import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -101,6 +104,21 @@ class UsableGuard:
             )
 
 
+@dataclass
+class ReadPosition:
+    """Where one consumer's reader of one source stands: enough to read on from there.
+
+    Plain ints, so that it goes into checkpoints (`weights_only`) and through the
+    DataLoader's worker queue with every batch.
+    """
+
+    pass_index: int = 0
+    shard: int = 0  # index into this consumer's shards of the pass
+    sample: int = 0  # samples read from that shard (every one of them in the sample split)
+    index: int = 0  # running index of the sample split, over all shards and passes
+    yielded_in_pass: int = 0
+
+
 def iter_consumer_samples(
     urls: Sequence[str],
     consumer: Consumer,
@@ -110,6 +128,7 @@ def iter_consumer_samples(
     seed: int | str = 0,
     wanted: Callable[[str], bool] = lambda extension: True,
     on_pass: Callable[[int], None] | None = None,
+    position: ReadPosition | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The raw samples (see `iter_tar_samples`) this consumer reads from one source.
 
@@ -123,36 +142,62 @@ def iter_consumer_samples(
     Either way a finite stream yields each sample exactly once across all consumers.
     The infinite stream reshuffles the shard order every pass with a seed from (seed, pass)
     only, so all consumers agree on the order and the split stays a partition; consumers
-    differ in their own shuffle buffers downstream. In sample mode the running index goes on
+    differ in their own shuffles downstream. In sample mode the running index goes on
     across passes, so even with fewer samples than consumers each consumer gets data
     (in a later pass) instead of spinning forever.
 
-    Shard-level problems (unreadable, truncated, corrupt headers) are counted once: in sample
-    mode only by the consumer that would own the shard under the shard split. `on_pass` is
-    called after every full pass with the number of samples this consumer got in it.
+    `position`, when given, is where to start and is kept up to date as samples are
+    yielded (a resumed stream passes the one saved with its last batch): the shard it names
+    is read again from its start, without yielding or counting, up to the samples already
+    read. Shard-level problems (unreadable, truncated, corrupt headers) are counted once:
+    in sample mode only by the consumer that would own the shard under the shard split.
+    `on_pass` is called after every full pass with the number of samples this consumer got
+    in it.
     """
     by_sample = len(urls) < consumer.count
     silent = SkipCounter.discarding()
-    sample_index = 0
+    position = position if position is not None else ReadPosition()
+    start = replace(position)
     shards_ever_read: set[str] = set()
     source_has_samples = False
-    for pass_index in itertools.count() if infinite else (0,):
+    for pass_index in itertools.count(start.pass_index) if infinite else (0,):
         order = list(urls)
         if infinite:
             random.Random(f"{seed}:{pass_index}").shuffle(order)
         my_shards = order if by_sample else order[consumer.index :: consumer.count]
-        yielded_in_pass = 0
-        for position, url in enumerate(my_shards):
+        resuming = pass_index == start.pass_index
+        position.pass_index = pass_index
+        if not resuming:
+            position.yielded_in_pass = 0
+        for shard_position in range(start.shard if resuming else 0, len(my_shards)):
+            url = my_shards[shard_position]
             shards_ever_read.add(url)
-            owns_shard = not by_sample or position % consumer.count == consumer.index
-            for sample in iter_tar_samples(url, skips if owns_shard else silent, wanted):
-                source_has_samples = True
-                if not by_sample or sample_index % consumer.count == consumer.index:
-                    yielded_in_pass += 1
-                    yield sample
-                sample_index += 1
+            owns_shard = not by_sample or shard_position % consumer.count == consumer.index
+            counter = skips if owns_shard else silent
+            already_read = start.sample if resuming and shard_position == start.shard else 0
+            position.shard, position.sample = shard_position, 0
+            muted = already_read > 0  # their problems were counted when they were first read
+            if muted:
+                counter.mute()
+            try:
+                for sample in iter_tar_samples(url, counter, wanted):
+                    source_has_samples = True
+                    position.sample += 1
+                    if position.sample <= already_read:
+                        if position.sample == already_read:
+                            counter.unmute()
+                            muted = False
+                        continue
+                    keep = not by_sample or position.index % consumer.count == consumer.index
+                    position.index += 1
+                    if keep:
+                        position.yielded_in_pass += 1
+                        yield sample
+            finally:
+                if muted:
+                    counter.unmute()
         if on_pass is not None:
-            on_pass(yielded_in_pass)
+            on_pass(position.yielded_in_pass)
         if infinite and not source_has_samples and len(shards_ever_read) == len(set(urls)):
             # Every shard has been tried and none holds a sample: looping on would hang.
             raise NoUsableData(
@@ -173,21 +218,81 @@ def mix_streams(
         yield next(streams[rng.choices(indices, weights=weights)[0]])
 
 
-def shuffled(stream: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:
-    """Shuffle buffer: yields a random buffered item once the buffer is full."""
-    if buffer_size <= 1:
-        yield from stream
-        return
-    buffer: list[T] = []
-    for item in stream:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(buffer_size)
-        buffer[index], item = item, buffer[index]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
+class TrainingOrder:
+    """One consumer's training items: its sources mixed by weight, shuffled in blocks.
+
+    Items are read `block_size` at a time (drawing the source of each by weight) and each
+    block is yielded in a random order drawn from (seed, consumer, block number). Unlike a
+    rolling shuffle buffer, whose content is the whole history of the stream, the place in
+    this order is a few numbers (`state()`): the sources' read positions and the mixing
+    generator where the current block began, the block's number and how many of its items
+    were taken. A resumed stream reads that one block again and goes on with exactly the
+    items the uninterrupted one would have given, for the cost of re-reading one block.
+
+    `open_sources(positions)` gives one item iterator per source that starts at, and keeps
+    updating, the `ReadPosition` it is handed. `skips` is muted while a resumed block is
+    read again: its skips were counted the first time.
+    """
+
+    def __init__(
+        self,
+        open_sources: Callable[[list[ReadPosition]], list[Iterator[T]]],
+        weights: Sequence[float],
+        block_size: int,
+        seed: int | str,
+        skips: SkipCounter,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.open_sources = open_sources
+        self.weights = list(weights)
+        self.block_size = max(1, block_size)
+        self.seed = seed
+        self.skips = skips
+        self._resume = dict(state) if state else None
+        self._start: dict[str, Any] = {}
+        self._block, self._taken = 0, 0
+
+    def state(self) -> dict[str, Any]:
+        """Where the next item comes from (plain types: see `ReadPosition`)."""
+        return {**self._start, "block": self._block, "taken": self._taken}
+
+    def __iter__(self) -> Iterator[T]:
+        resume = self._resume or {}
+        positions = [ReadPosition(**saved) for saved in resume.get("positions", ())] or [
+            ReadPosition() for _ in self.weights
+        ]
+        if len(positions) != len(self.weights):
+            raise ValueError(f"a stream position for {len(positions)} sources, this stream has {len(self.weights)}")
+        mix_rng = random_from(f"{self.seed}:mix", resume.get("mix_rng"))
+        block, taken = int(resume.get("block", 0)), int(resume.get("taken", 0))
+        mixed = mix_streams(self.open_sources(positions), self.weights, mix_rng)
+        while True:
+            self._start = {"positions": [asdict(position) for position in positions], "mix_rng": mix_rng.getstate()}
+            if taken:
+                self.skips.mute()
+            try:
+                items = list(itertools.islice(mixed, self.block_size))
+            finally:
+                if taken:
+                    self.skips.unmute()
+            order = list(range(len(items)))
+            random.Random(f"{self.seed}:block:{block}").shuffle(order)
+            for index in range(taken, len(items)):
+                self._block, self._taken = block, index + 1
+                yield items[order[index]]
+            if len(items) < self.block_size:
+                return
+            block, taken = block + 1, 0
+
+
+def random_from(seed: int | str, saved: Sequence[Any] | None = None) -> random.Random:
+    """A generator seeded with `seed`, or in the state `saved` (a `getstate()` that went
+    through a checkpoint) when there is one."""
+    rng = random.Random(seed)
+    if saved is not None:
+        version, internal, gauss = saved
+        rng.setstate((int(version), tuple(int(value) for value in internal), gauss))
+    return rng
 
 
 def batched(stream: Iterable[T], batch_size: int, keep_partial: bool) -> Iterator[list[T]]:
@@ -211,10 +316,14 @@ def batches_with_skips(
 ) -> Iterator[dict[str, Any]]:
     """Collated batches, each carrying the skip counts since the previous one.
 
-    Each batch is held back until the next one is ready, so skips met after the last items
-    of a finite stream (a truncated final shard, say) still ride on its last batch. `collate`
+    With `keep_partial` (finite streams) each batch is held back until the next one is
+    ready, so skips met after the last items of a finite stream (a truncated final shard, say) still ride on its last batch. `collate`
     gets the counter itself: samples it drops (a mixed batch) ride on the same batch.
     """
+    if not keep_partial:  # an endless training stream: nothing comes after the last batch
+        for group in batched(stream, batch_size, keep_partial):
+            yield collate(group, skips)
+        return
     pending: list[T] | None = None
     for group in batched(stream, batch_size, keep_partial):
         if pending is not None:
@@ -277,6 +386,23 @@ class ShardStream(IterableDataset):
         self.tokenizers = dict(tokenizers or {})
         self.rank = rank
         self.world_size = world_size
+        # A resumed training stream: each DataLoader worker's saved position (by the worker
+        # it was saved from) and the worker whose batch comes next (see `training_consumer`).
+        self.resume_positions: dict[int, dict[str, Any]] = {}
+        self.first_worker = 0
+
+    def training_consumer(self) -> Consumer:
+        """The consumer this training worker plays. A DataLoader takes batches from its
+        workers in turn, starting with worker 0; a resumed stream must start with the worker
+        whose turn was next when the checkpoint was taken, so worker w plays the saved
+        worker (w + first_worker) % workers: its shards, generators and position."""
+        physical = Consumer.current(self.rank, self.world_size)
+        return replace(physical, worker_id=(physical.worker_id + self.first_worker) % physical.num_workers)
+
+    def with_position(self, batch: dict[str, Any], consumer: Consumer, state: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with the position of its training stream after it (plain types)."""
+        batch["stream_position"] = {"worker": consumer.worker_id, "workers": consumer.num_workers, "state": state}
+        return batch
 
     def _collate_items(self, items: list[Any], skips: SkipCounter) -> dict[str, Any]:
         """Items -> batch dict; may drop (and count in `skips`) items that do not fit the batch."""

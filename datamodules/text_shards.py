@@ -6,7 +6,8 @@ Stage 1 teaches the LLM + adapter (student) to reproduce CLIP's features (teache
 only reads English, so every pair is (English, English or its translation, language).
 
 - Training: an infinite stream (Lightning's `max_steps` ends it); each sample gives one pair,
-  its language drawn among the languages it has by the `languages` weights.
+  its language drawn among the languages it has by the `languages` weights. Each batch
+  carries the stream's position after it, so a resumed run reads on exactly from there.
 - Validation: a finite stream giving every language pair of every sample exactly once
   across all ranks and workers, in a fixed order, so per-language retrieval metrics see the
   same pool every time.
@@ -18,7 +19,7 @@ previous batch) and, when tokenizers are set, `teacher_tokens` / `student_tokens
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,13 +31,14 @@ from datamodules.skips import SkipCounter
 from datamodules.sources import ShardSource, is_language_code, parse_language_weights
 from datamodules.streams import (
     Consumer,
+    ReadPosition,
     ShardStream,
     Tokenizer,
+    TrainingOrder,
     UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
-    mix_streams,
-    shuffled,
+    random_from,
 )
 
 TOKENIZER_ROLES = ("teacher", "student")
@@ -152,16 +154,17 @@ class TextPairStream(ShardStream):
         self.extra_codes = frozenset(language_weights)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader, consumer = self._consumers(self.train)
         skips = SkipCounter()
         self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
-        pairs = self._train_pairs(reader, skips) if self.train else self._val_pairs(reader, skips)
-        # Training batches are always full: the stream never ends.
-        batches = batches_with_skips(pairs, self.batch_size, not self.train, skips, self._collate)
-        yield from self._share(batches, self.train, consumer)
+        if self.train:
+            yield from self._train_batches(skips)
+            return
+        reader, consumer = self._consumers(train=False)
+        batches = batches_with_skips(self._val_pairs(reader, skips), self.batch_size, True, skips, self._collate)
+        yield from self._share(batches, False, consumer)
 
     def _samples(
-        self, source_index: int, consumer: Consumer, skips: SkipCounter
+        self, source_index: int, consumer: Consumer, skips: SkipCounter, position: ReadPosition | None = None
     ) -> Iterator[TextSample]:
         raw_samples = iter_consumer_samples(
             self.sources[source_index].urls,
@@ -171,6 +174,7 @@ class TextPairStream(ShardStream):
             seed=f"{self.seed}:{source_index}",
             wanted=is_text_member,
             on_pass=lambda size: self._guard.pass_done(source_index, size),
+            position=position,
         )
         for raw in raw_samples:
             try:
@@ -184,12 +188,24 @@ class TextPairStream(ShardStream):
             elif self.train:
                 self._guard.rejected()
 
-    def _train_pairs(self, consumer: Consumer, skips: SkipCounter) -> Iterator[TextPair]:
+    def _train_batches(self, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Endless full batches, each with the stream's position after it (a resumed stream
+        starts where `resume_positions` says)."""
+        consumer = self.training_consumer()
+        saved = self.resume_positions.get(consumer.worker_id, {})
         # Per-consumer randomness: workers and ranks must not shuffle or draw identically.
-        rng = random.Random(f"{self.seed}:{consumer.rank}:{consumer.worker_id}")
-        streams = [self._samples(index, consumer, skips) for index in range(len(self.sources))]
-        samples = mix_streams(streams, [source.weight for source in self.sources], rng)
-        for sample in shuffled(samples, self.shuffle_buffer, rng):
+        seed = f"{self.seed}:{consumer.rank}:{consumer.worker_id}"
+        rng = random_from(seed, saved.get("sample_rng"))  # language draws
+        order = TrainingOrder(
+            lambda positions: [self._samples(i, consumer, skips, positions[i]) for i in range(len(self.sources))],
+            [source.weight for source in self.sources], self.shuffle_buffer, seed, skips, saved.get("order"),
+        )
+        pairs = self._train_pairs(order, rng, skips)
+        for batch in batches_with_skips(pairs, self.batch_size, False, skips, self._collate):
+            yield self.with_position(batch, consumer, {"order": order.state(), "sample_rng": rng.getstate()})
+
+    def _train_pairs(self, samples: Iterable[TextSample], rng: random.Random, skips: SkipCounter) -> Iterator[TextPair]:
+        for sample in samples:
             languages = [code for code in sample.captions if self.language_weights.get(code, 1.0) > 0]
             if not languages:
                 # A configuration choice, not bad data: counted for TensorBoard, not warned.
