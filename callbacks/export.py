@@ -47,6 +47,7 @@ class RunExport(L.Callback):
         metadata = stamped(self.metadata, trainer.global_step, pl_module.prompt_encoder.tokenizer.bos_id)
         partial = self.export_dir.with_name(f".{self.export_dir.name}.partial")
         if trainer.is_global_zero:
+            log.info("Exporting stage %d (step %d) to %s", metadata["stage"], trainer.global_step, self.export_dir)
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
