@@ -18,6 +18,7 @@ from datamodules.tar_reading import count_samples
 from lightning_modules import stage_class
 from lightning_modules.ema import STATE_KEY
 from linguadiff.config import ConfigError, load_config, resolve
+from linguadiff.run import SHARDS_DIR, checkpoint_step
 from linguadiff.strategy import ShardedFSDPStrategy, build_strategy, check_units, fsdp_units, mixed_precision
 from tests.test_stage1_training import scalars
 from tests.test_stage23_training import stage_args
@@ -141,13 +142,28 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     assert any(k.startswith("model.unet.") for k in stored) and any(k.startswith("model.adapter.") for k in stored)
     assert not any(k.startswith(("model.text_encoder.", "model.vae.")) for k in stored)  # frozen: from source
     assert any(STATE_KEY in k for k in stored)  # the EMA, sharded with the optimizer state
-    # Written aside and swapped in whole; read back as data only (weights_only).
-    assert not [p.name for p in last.parent.iterdir() if p.name.startswith(".")]
-    from linguadiff.run import checkpoint_step
-
+    # Written whole into a folder of its own that last.ckpt and step00000002.ckpt both point
+    # to (written once); read back as data only (weights_only).
+    checkpoints = last.parent
+    assert last.is_symlink() and last.resolve() == (checkpoints / "step00000002.ckpt").resolve()
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == [SHARDS_DIR]
+    assert [p.name for p in (checkpoints / SHARDS_DIR).iterdir()] == [last.resolve().name]
     assert checkpoint_step(last) == 2
 
-    _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}))
+    # What kills can leave: last.ckpt pointing to a folder that is gone, a half-written folder,
+    # a link never renamed into place. The relaunch resumes from step00000002.ckpt, cleans up.
+    os.symlink(f"{SHARDS_DIR}/step00000003-gone", checkpoints / ".last.ckpt.partial-link-1")
+    os.replace(checkpoints / ".last.ckpt.partial-link-1", last)
+    half = checkpoints / SHARDS_DIR / "step00000003-half"
+    half.mkdir()
+    (half / "__0_0.distcp").write_bytes(b"half")
+    os.symlink(half.name, checkpoints / ".step00000003.ckpt.partial-link-2")
+    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}))
+    assert "which is missing" in result.stderr and "step00000002.ckpt (step 2)" in result.stderr
+    assert not half.exists() and not [p for p in checkpoints.iterdir() if ".partial" in p.name]
+    assert checkpoint_step(last) == 4
+    pointed = {p.resolve() for p in checkpoints.iterdir() if p.is_symlink()}
+    assert {p.resolve() for p in (checkpoints / SHARDS_DIR).iterdir()} == pointed  # nothing left that no name uses
     steps = [s for s, _ in scalars(run_dir, "train/loss")]
     assert sorted(steps) == [0, 1, 2, 3]  # resumed at step 2, nothing logged twice
     assert (run_dir / "export" / "unet").is_dir() and (run_dir / "samples" / "step00000004.png").is_file()
