@@ -3,6 +3,7 @@ separate units and its sharded checkpoints resume, a resumed run restores its ex
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +47,17 @@ def stage1_run(world, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _run(args: list[str], probe: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """train.py (with the key probe) in a fresh process, as a user launches it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def _env(probe: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
     if probe is not None:
         probe.mkdir(parents=True, exist_ok=True)
         env["LINGUADIFF_PROBE"] = str(probe)
-    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=env,
+    return env
+
+
+def _run(args: list[str], probe: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """train.py (with the key probe) in a fresh process, as a user launches it."""
+    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=_env(probe),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -81,6 +86,70 @@ def test_ddp_on_cpu_gives_each_sample_to_one_rank(world, stage1_run, tmp_path, s
     seen = ranks[0] + ranks[1]
     assert len(set(seen)) == len(seen), "a sample went to both ranks (or twice to one)"
     assert "global batch 16" in result.stdout + result.stderr  # 8 per device x 2 devices
+
+
+def test_an_error_on_one_rank_ends_every_rank_within_seconds(world, tmp_path):
+    """Rank 1 raises NoUsableData (its shards all bad) and its process lingers (a stuck reader
+    thread), so rank 0 sees no closed connection, as with NCCL: before StopAllRanksOnError,
+    rank 0 waited in its collective until the timeout (30 minutes)."""
+    from tests.test_preemption import _wait_for  # (that module imports this one)
+
+    args = stage_args(world, tmp_path / "run", 1, strategy="ddp", **{
+        "trainer.devices": 2, "trainer.accelerator": "cpu", "trainer.max_steps": 1000, "samples.every_n_steps": 0})
+    env = _env(LINGUADIFF_FAIL_RANK="1", LINGUADIFF_FAIL_STEP="2", LINGUADIFF_FAIL_HANG="1")
+    proc = subprocess.Popen([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = _wait_for(proc, "no usable sample on rank 1", timeout=300)  # start-up: not what is measured
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("rank 0 was still waiting 60 s after rank 1 failed")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whichever rank is left (its own session: only this run's)
+        except ProcessLookupError:
+            pass
+    output = seen + rest
+    assert proc.returncode != 0
+    assert "Rank 1 failed, stopping every rank" in output and "NoUsableData: no usable sample on rank 1" in output
+    assert "Stopping rank 0" in output and "rank 1: NoUsableData" in output
+
+
+_BLOCKED_RANK = """
+import sys, time, torch.distributed as dist
+from linguadiff.distributed import FailureWatch, announce_failure
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
+if rank == 1:
+    announce_failure(1, "NoUsableData: only bad shards")
+    time.sleep(120)  # alive, connections open: rank 0 cannot tell it failed
+else:
+    FailureWatch(0, interval=0.5).start()
+    dist.barrier()  # never completes: rank 1 never comes
+    print("barrier passed")
+"""
+
+
+def test_failure_watch_ends_a_rank_blocked_in_a_collective(tmp_path):
+    """The NCCL case on CPUs: rank 1 failed but its process (and connection) lingers, rank 0
+    is blocked in a collective. The watch reads the failure from the store and exits."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = _env()
+    ranks = [subprocess.Popen([sys.executable, "-c", _BLOCKED_RANK, str(rank), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        output, _ = ranks[0].communicate(timeout=60)
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    assert ranks[0].returncode == 1 and "barrier passed" not in output
+    assert "Stopping rank 0: rank 1: NoUsableData: only bad shards" in output
 
 
 # ---------------------------------------------------------------------- FSDP
