@@ -3,6 +3,7 @@ separate units and its sharded checkpoints resume, a resumed run restores its ex
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,25 @@ def test_ddp_on_cpu_gives_each_sample_to_one_rank(world, stage1_run, tmp_path, s
     seen = ranks[0] + ranks[1]
     assert len(set(seen)) == len(seen), "a sample went to both ranks (or twice to one)"
     assert "global batch 16" in result.stdout + result.stderr  # 8 per device x 2 devices
+
+
+def test_ddp_relaunch_of_a_finished_run_without_its_export_exports_again(world, tmp_path):
+    from linguadiff.export import export_complete
+    from linguadiff.models.adapter import QueryAdapter
+
+    run_dir = tmp_path / "run"
+    args = stage_args(world, run_dir, 1, strategy="ddp", **{
+        "trainer.devices": 2, "trainer.accelerator": "cpu", "trainer.max_steps": 2, "trainer.val_check_interval": 2,
+        "checkpoint.every_n_steps": 2})
+    _run(args)
+    first = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")[0].state_dict()
+    shutil.rmtree(run_dir / "export")  # lost (a kill before the rename leaves none either)
+    result = _run(args, timeout=180)
+    assert "exporting it again" in result.stderr
+    assert export_complete(run_dir / "export") and not list(run_dir.glob(".export.*"))
+    adapter, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
+    assert meta["global_step"] == 2
+    assert all(torch.equal(first[k], v) for k, v in adapter.state_dict().items())  # the same weights, from last.ckpt
 
 
 def test_an_error_on_one_rank_ends_every_rank_within_seconds(world, tmp_path):
@@ -240,6 +260,21 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
 
     adapter, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
     assert meta["global_step"] == 4 and adapter.queries.shape[0] == 77  # gathered whole, not a shard
+
+    # An export a kill left incomplete (no completion marker): the relaunch exports it again,
+    # gathering the shards from the resumed sharded checkpoint, and ends.
+    from linguadiff.export import COMPLETE_FILE, export_complete
+
+    (run_dir / "export" / COMPLETE_FILE).unlink()
+    (run_dir / "export" / "adapter.safetensors").write_bytes(b"half")
+    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}), timeout=180)
+    assert "exporting it again" in result.stderr and export_complete(run_dir / "export")
+    again, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
+    assert meta["global_step"] == 4
+    assert all(torch.equal(adapter.state_dict()[k], v) for k, v in again.state_dict().items())
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(run_dir / "export" / "unet")  # loadable
 
 
 def test_even_share_gives_every_consumer_as_many_batches():
