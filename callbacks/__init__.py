@@ -1,4 +1,5 @@
-"""Callbacks: export, sample grids, throughput and progress, preemption, random state.
+"""Callbacks: export, sample grids, throughput and progress, preemption, random state, and
+stopping every rank when one fails.
 
 `build_callbacks` maps the run's config onto the callbacks' typed constructor arguments, in
 one place (as `datamodules.build_datamodule` does for the data); the callbacks never see the
@@ -16,6 +17,7 @@ def build_callbacks(cfg: DictConfig, run_root: Path, export_dir: Path) -> list[L
     from callbacks.export import RunExport
     from callbacks.preemption import PreemptionHandler
     from callbacks.progress import ThroughputLogger
+    from callbacks.rank_failure import StopAllRanksOnError
     from callbacks.rng_state import RNGState
     from callbacks.sample_images import SampleImages, SampleSettings
     from linguadiff.export import adapter_metadata
@@ -34,4 +36,4 @@ def build_callbacks(cfg: DictConfig, run_root: Path, export_dir: Path) -> list[L
             scheduler=str(g.scheduler), steps=int(g.steps), guidance=float(g.guidance), batch_size=int(cfg.data.batch_size),
         )
         callbacks.append(SampleImages(settings, run_root / "samples"))
-    return callbacks
+    return [*callbacks, StopAllRanksOnError()]  # last: its on_exception ends the process

@@ -40,7 +40,10 @@ class RunExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A relaunch of a finished run whose export is missing: Lightning restored the last
         # checkpoint (EMA included) and skipped training, so on_train_end never ran.
-        if not self._exported and trainer.global_step >= trainer.max_steps and not export_complete(self.export_dir):
+        missing = not self._exported and trainer.global_step >= trainer.max_steps and not export_complete(self.export_dir)
+        # Rank 0's view for all: every rank must take part (FSDP gathers the weights to rank 0),
+        # and another rank must not see rank 0's fresh export and skip the gathering.
+        if trainer.strategy.broadcast(missing):
             self._export(trainer, pl_module)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -63,4 +66,5 @@ class RunExport(L.Callback):
             os.rename(partial, self.export_dir)
             shutil.rmtree(old, ignore_errors=True)
             log.info("Exported stage %d (step %d) to %s", metadata["stage"], trainer.global_step, self.export_dir)
+        trainer.strategy.barrier("export_done")  # no rank returns before the export is in place
         self._exported = True

@@ -9,11 +9,16 @@ Two sources answer, at different moments of a run:
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def _env_int(*names: str) -> int | None:
@@ -76,3 +81,69 @@ def unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "_fsdp_wrapped_module") or hasattr(module, "_orig_mod"):
         module = getattr(module, "_fsdp_wrapped_module", None) or module._orig_mod
     return module
+
+
+# ---------------------------------------------------------------------- one rank fails, all stop
+
+FAILURE_KEY = "linguadiff/failed"  # in the process group's key-value store: "rank R: what failed"
+
+
+def _store():
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def announce_failure(rank: int, what: str) -> None:
+    """Tells every rank that this one failed, through the process group's key-value store (the
+    rendezvous server of rank 0, reachable while collectives hang). The first failure stays.
+    Best effort: a failing rank must not hang here either."""
+    from datetime import timedelta
+
+    try:
+        store = _store()
+        store.set_timeout(timedelta(seconds=5))
+        store.compare_set(FAILURE_KEY, "", f"rank {rank}: {what}")
+    except Exception:  # noqa: BLE001 - the store may be gone with rank 0
+        pass
+
+
+def announced_failure() -> str | None:
+    """What the first failed rank announced ("rank R: error"), or None."""
+    try:
+        store = _store()
+        return store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None
+    except Exception:  # noqa: BLE001 - store gone (rank 0 ended) or not there: nothing to tell
+        return None
+
+
+class FailureWatch(threading.Thread):
+    """Ends this rank (exit status 1) as soon as another rank announces a failure.
+
+    A rank blocked in a collective never learns that a peer died: NCCL waits for its timeout
+    (30 minutes under Lightning), gloo too while the dead rank's process lingers. The watch
+    runs beside the training loop and reads the store every `interval` seconds instead."""
+
+    def __init__(self, rank: int, interval: float = 2.0) -> None:
+        super().__init__(daemon=True, name="linguadiff-failure-watch")
+        self.rank, self.interval = rank, interval
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            failure = announced_failure()
+            if failure is not None and not failure.startswith(f"rank {self.rank}:") and not self._done.is_set():
+                log.error("Stopping rank %d: %s", self.rank, failure)
+                exit_now(1)
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+def exit_now(status: int) -> None:
+    """Ends this process at once, skipping clean-ups that could wait on dead peers."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

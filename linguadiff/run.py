@@ -8,12 +8,19 @@
 Launching the same command with the same run_dir resumes from checkpoints/last.ckpt (or, when
 that is damaged, the newest intact checkpoints/step*.ckpt): this is
 what a requeued SLURM job does.
+
+A sharded (FSDP) checkpoint is a folder written whole under its own name,
+checkpoints/.shards/stepNNNNNNNN-XXXXXXXX/, and last.ckpt / step*.ckpt are symlinks to such
+folders, each moved by one atomic rename (`point_checkpoint`): a kill at any instant leaves
+every name pointing at a complete folder. A folder no name points to is garbage: left by a
+kill, it is removed at the next launch (`remove_partial_saves`).
 """
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import secrets
 import socket
 import sys
 from dataclasses import dataclass
@@ -168,6 +175,8 @@ def read_checkpoint(path: Path) -> dict:
     Files are data, never code: `weights_only=True` refuses anything but tensors and plain
     types, so a checkpoint carrying a pickle payload is rejected, never run. A sharded (FSDP)
     checkpoint is a folder whose meta.pt holds everything but the tensors."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"points to {os.readlink(path)}, which is missing")
     sharded = path.is_dir()
     file = path / "meta.pt" if sharded else path
     try:
@@ -198,13 +207,14 @@ def resume_checkpoint(checkpoints: Path) -> tuple[Path | None, int]:
     newest intact periodic one (with a warning), so a bad last.ckpt cannot crash every requeue."""
     last = checkpoints / "last.ckpt"
     candidates = sorted(checkpoints.glob("step*.ckpt"), reverse=True) if checkpoints.is_dir() else []
-    if not last.exists():
+    has_last = last.exists() or last.is_symlink()  # (a symlink to a missing folder does not "exist")
+    if not has_last:
         if candidates:
             log.warning("%s has no last.ckpt: trying its periodic checkpoints", checkpoints)
         else:
             return None, 0
     rejected = []
-    for path in ([last] if last.exists() else []) + candidates:
+    for path in ([last] if has_last else []) + candidates:
         try:
             step = checkpoint_step(path)
         except CheckpointError as err:
@@ -222,16 +232,79 @@ def resume_checkpoint(checkpoints: Path) -> tuple[Path | None, int]:
 
 
 def remove_partial_saves(checkpoints: Path) -> None:
-    """Temporary files of saves that a kill interrupted (the checkpoint they were to replace is intact)."""
-    leftovers = [*checkpoints.glob(".*.partial*"), *checkpoints.glob(".*.old")] if checkpoints.is_dir() else []
+    """Leftovers of saves that a kill interrupted (the checkpoints they were to replace are
+    intact): temporary files and links, and sharded folders that no checkpoint name points to
+    (half written, or superseded and not yet removed)."""
+    import shutil
+
+    if not checkpoints.is_dir():
+        return
+    leftovers = [*checkpoints.glob(".*.partial*"), *checkpoints.glob(".*.old")]
+    shards = checkpoints / SHARDS_DIR
+    if shards.is_dir():
+        kept = pointed_folders(checkpoints)
+        leftovers += [folder for folder in shards.iterdir() if folder.resolve() not in kept]
     for partial in leftovers:
         log.info("Removing %s, left by an interrupted save", partial)
-        if partial.is_dir():
-            import shutil
-
+        if partial.is_dir() and not partial.is_symlink():
             shutil.rmtree(partial, ignore_errors=True)
         else:
             partial.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- sharded checkpoints
+
+SHARDS_DIR = ".shards"  # in checkpoints/: the folders of sharded checkpoints, one per save
+
+
+def new_shard_folder(checkpoints: Path, step: int) -> Path:
+    """A fresh, unique name for the folder of one sharded save (not created)."""
+    return checkpoints / SHARDS_DIR / f"step{step:08d}-{secrets.token_hex(4)}"
+
+
+def pointed_folders(checkpoints: Path) -> set[Path]:
+    """The folders (resolved) that the checkpoint names in `checkpoints` point to."""
+    return {path.resolve() for path in checkpoints.iterdir() if path.is_symlink() and not path.name.startswith(".")}
+
+
+def remove_unpointed(checkpoints: Path, folder: Path) -> None:
+    """Removes a sharded folder once no checkpoint name points to it any more."""
+    import shutil
+
+    if folder.is_dir() and folder.resolve() not in pointed_folders(checkpoints):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def point_checkpoint(path: Path, folder: Path) -> None:
+    """Makes the checkpoint name `path` (last.ckpt, step*.ckpt) point to the complete `folder`
+    in one atomic step: a new symlink, renamed over the name. The folder it pointed to before
+    is removed unless another name still points to it.
+
+    A name that is still a real folder (saved before pointers) is first moved into the shards
+    folder; a kill between that rename and the next leaves no such name for that one save,
+    and resuming falls back to the newest periodic checkpoint."""
+    checkpoints = path.parent
+    previous = path.resolve() if path.is_symlink() else None
+    link = path.with_name(f".{path.name}.partial-link-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(folder, checkpoints), link)  # relative: the run_dir can move
+    if path.is_dir() and not path.is_symlink():
+        previous = checkpoints / SHARDS_DIR / f"legacy-{path.name}-{secrets.token_hex(4)}"
+        previous.parent.mkdir(exist_ok=True)
+        os.rename(path, previous)
+    os.replace(link, path)
+    fsync_dir(checkpoints)
+    if previous is not None and previous != folder.resolve():
+        remove_unpointed(checkpoints, previous)
+
+
+def remove_pointer(path: Path) -> None:
+    """Deletes the checkpoint name `path` (a rotated-out step*.ckpt), and its folder unless
+    another name (last.ckpt) still points to it."""
+    folder = path.resolve()
+    path.unlink()
+    fsync_dir(path.parent)
+    remove_unpointed(path.parent, folder)
 
 
 def fsync_dir(path: Path) -> None:

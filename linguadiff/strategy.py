@@ -17,9 +17,11 @@ up here (`fsdp_setup`):
   buffers keep their dtype (rotary frequencies lose precision in bf16);
 - activation checkpointing on the trained blocks only (`fsdp.activation_checkpointing`):
   a frozen block keeps no activations for a backward pass anyway;
-- sharded checkpoints: last.ckpt is a folder with one file per rank, written in parallel
-  and holding the trained weights only (`ShardedFSDPStrategy.load_checkpoint` reads those
-  back; the frozen ones are loaded from their source as always);
+- sharded checkpoints: a folder with one file per rank, written in parallel under its own
+  name in checkpoints/.shards/ and holding the trained weights only; last.ckpt and
+  step*.ckpt are symlinks to such folders, moved atomically once a folder is complete
+  (`ShardedFSDPStrategy.save_checkpoint`; `load_checkpoint` reads the trained weights back,
+  the frozen ones are loaded from their source as always);
 - gradient clipping by norm over all shards (`StageModule.configure_gradient_clipping`).
 """
 from __future__ import annotations
@@ -176,6 +178,7 @@ class ShardedFSDPStrategy(FSDPStrategy):
     """
 
     strategy_name = "linguadiff_fsdp"
+    _last_shard_folder: tuple[int, Path] | None = None  # (step, folder) of rank 0's latest sharded save
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         """As Lightning's, plus CPUs (gloo): FSDP accepts the CPU only as an explicit device_id.
@@ -193,32 +196,52 @@ class ShardedFSDPStrategy(FSDPStrategy):
         return model
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
-        """A sharded checkpoint is written whole into a temporary folder next to its target, then
-        moved into place: a kill during the save leaves the previous folder of that name intact
-        (a kill between the two renames of the swap leaves none, and resuming falls back to the
-        newest intact periodic checkpoint)."""
+        """A sharded checkpoint is written whole into a folder of its own
+        (checkpoints/.shards/stepNNNNNNNN-XXXXXXXX), synced, and only then does its name
+        (last.ckpt, step*.ckpt) become a symlink to it, by one atomic rename: a kill at any
+        instant leaves every name pointing at a complete checkpoint (`run.point_checkpoint`).
+
+        last.ckpt saved at the step a periodic checkpoint was just written at points to that
+        same folder instead of writing it twice (Lightning's save_last="link" does the same)."""
         if self._state_dict_type != "sharded":
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        import shutil
+        from linguadiff.run import fsync_dir, new_shard_folder, point_checkpoint
 
         path = Path(self.broadcast(str(filepath)))
-        partial = path.with_name(f".{path.name}.partial")
-        if self.global_rank == 0 and partial.exists():
-            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
-        self.barrier("sharded_save_start")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier("sharded_save_written")  # every rank's shard is on disk
+        step = int(checkpoint["global_step"])
+        folder, fresh = None, True
         if self.global_rank == 0:
-            with open(partial / "meta.pt", "rb+") as f:
-                os.fsync(f.fileno())
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            if path.exists():
-                os.rename(path, old)
-            os.rename(partial, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if self._last_shard_folder is not None and self._last_shard_folder[0] == step \
+                    and self._last_shard_folder[1].is_dir():
+                folder, fresh = self._last_shard_folder[1], False
+            else:
+                folder = new_shard_folder(path.parent, step)
+        folder, fresh = self.broadcast((folder, fresh))
+        if fresh:
+            super().save_checkpoint(checkpoint, folder, storage_options)
+            self.barrier("sharded_save_written")  # every rank's shards are on disk (synced by torch)
+        if self.global_rank == 0:
+            if fresh:
+                from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+                with open(folder / _METADATA_FILENAME, "rb+") as f:  # Lightning's torch.save does not sync
+                    os.fsync(f.fileno())
+                fsync_dir(folder)
+                fsync_dir(folder.parent)
+            point_checkpoint(path, folder)
+            self._last_shard_folder = (step, folder)
         self.barrier("sharded_save_done")
+
+    def remove_checkpoint(self, filepath) -> None:
+        """A sharded checkpoint's name is a symlink: remove it, and its folder only when no
+        other name (last.ckpt) still points to it. (Lightning's would refuse the symlink.)"""
+        from linguadiff.run import remove_pointer
+
+        path = Path(filepath)
+        if self.is_global_zero and path.is_symlink():
+            remove_pointer(path)
+        elif not path.is_symlink():
+            super().remove_checkpoint(filepath)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
         from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _get_sharded_state_dict_context

@@ -3,6 +3,8 @@ separate units and its sharded checkpoints resume, a resumed run restores its ex
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from datamodules.tar_reading import count_samples
 from lightning_modules import stage_class
 from lightning_modules.ema import STATE_KEY
 from linguadiff.config import ConfigError, load_config, resolve
+from linguadiff.run import SHARDS_DIR, checkpoint_step
 from linguadiff.strategy import ShardedFSDPStrategy, build_strategy, check_units, fsdp_units, mixed_precision
 from tests.test_stage1_training import scalars
 from tests.test_stage23_training import stage_args
@@ -45,13 +48,17 @@ def stage1_run(world, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _run(args: list[str], probe: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """train.py (with the key probe) in a fresh process, as a user launches it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def _env(probe: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
     if probe is not None:
         probe.mkdir(parents=True, exist_ok=True)
         env["LINGUADIFF_PROBE"] = str(probe)
-    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=env,
+    return env
+
+
+def _run(args: list[str], probe: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """train.py (with the key probe) in a fresh process, as a user launches it."""
+    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=_env(probe),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -80,6 +87,95 @@ def test_ddp_on_cpu_gives_each_sample_to_one_rank(world, stage1_run, tmp_path, s
     seen = ranks[0] + ranks[1]
     assert len(set(seen)) == len(seen), "a sample went to both ranks (or twice to one)"
     assert "global batch 16" in result.stdout + result.stderr  # 8 per device x 2 devices
+
+
+def test_ddp_relaunch_of_a_finished_run_without_its_export_exports_again(world, tmp_path):
+    from linguadiff.export import export_complete
+    from linguadiff.models.adapter import QueryAdapter
+
+    run_dir = tmp_path / "run"
+    args = stage_args(world, run_dir, 1, strategy="ddp", **{
+        "trainer.devices": 2, "trainer.accelerator": "cpu", "trainer.max_steps": 2, "trainer.val_check_interval": 2,
+        "checkpoint.every_n_steps": 2})
+    _run(args)
+    first = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")[0].state_dict()
+    shutil.rmtree(run_dir / "export")  # lost (a kill before the rename leaves none either)
+    result = _run(args, timeout=180)
+    assert "exporting it again" in result.stderr
+    assert export_complete(run_dir / "export") and not list(run_dir.glob(".export.*"))
+    adapter, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
+    assert meta["global_step"] == 2
+    assert all(torch.equal(first[k], v) for k, v in adapter.state_dict().items())  # the same weights, from last.ckpt
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_an_error_on_one_rank_ends_every_rank_within_seconds(world, tmp_path, failing):
+    """Rank `failing` raises NoUsableData (its shards all bad) and its process lingers (a stuck
+    reader thread), so its peer sees no closed connection, as with NCCL: before
+    StopAllRanksOnError, rank 0 waited in its collective until the timeout (30 minutes; still
+    waiting when a 200 s limit killed it). Rank 0 failing is the case Lightning's launcher
+    does not cover (it only watches the ranks it started)."""
+    from tests.test_preemption import _wait_for  # (that module imports this one)
+
+    healthy = 1 - failing
+    args = stage_args(world, tmp_path / "run", 1, strategy="ddp", **{
+        "trainer.devices": 2, "trainer.accelerator": "cpu", "trainer.max_steps": 1000, "samples.every_n_steps": 0})
+    env = _env(LINGUADIFF_FAIL_RANK=str(failing), LINGUADIFF_FAIL_STEP="2", LINGUADIFF_FAIL_HANG="1")
+    proc = subprocess.Popen([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = _wait_for(proc, f"no usable sample on rank {failing}", timeout=300)  # start-up: not measured
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank {healthy} was still waiting 60 s after rank {failing} failed")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whichever rank is left (its own session: only this run's)
+        except ProcessLookupError:
+            pass
+    output = seen + rest
+    assert proc.returncode != 0
+    assert f"Rank {failing} failed, stopping every rank" in output
+    assert f"NoUsableData: no usable sample on rank {failing}" in output
+    if failing == 1:  # (rank 0 ends the rank it launched itself, which may not get to say so)
+        assert "Stopping rank 0" in output and "rank 1: NoUsableData" in output
+
+
+_BLOCKED_RANK = """
+import sys, time, torch.distributed as dist
+from linguadiff.distributed import FailureWatch, announce_failure
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
+if rank == 1:
+    announce_failure(1, "NoUsableData: only bad shards")
+    time.sleep(120)  # alive, connections open: rank 0 cannot tell it failed
+else:
+    FailureWatch(0, interval=0.5).start()
+    dist.barrier()  # never completes: rank 1 never comes
+    print("barrier passed")
+"""
+
+
+def test_failure_watch_ends_a_rank_blocked_in_a_collective(tmp_path):
+    """The NCCL case on CPUs: rank 1 failed but its process (and connection) lingers, rank 0
+    is blocked in a collective. The watch reads the failure from the store and exits."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = _env()
+    ranks = [subprocess.Popen([sys.executable, "-c", _BLOCKED_RANK, str(rank), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        output, _ = ranks[0].communicate(timeout=60)
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    assert ranks[0].returncode == 1 and "barrier passed" not in output
+    assert "Stopping rank 0: rank 1: NoUsableData: only bad shards" in output
 
 
 # ---------------------------------------------------------------------- FSDP
@@ -141,13 +237,28 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     assert any(k.startswith("model.unet.") for k in stored) and any(k.startswith("model.adapter.") for k in stored)
     assert not any(k.startswith(("model.text_encoder.", "model.vae.")) for k in stored)  # frozen: from source
     assert any(STATE_KEY in k for k in stored)  # the EMA, sharded with the optimizer state
-    # Written aside and swapped in whole; read back as data only (weights_only).
-    assert not [p.name for p in last.parent.iterdir() if p.name.startswith(".")]
-    from linguadiff.run import checkpoint_step
-
+    # Written whole into a folder of its own that last.ckpt and step00000002.ckpt both point
+    # to (written once); read back as data only (weights_only).
+    checkpoints = last.parent
+    assert last.is_symlink() and last.resolve() == (checkpoints / "step00000002.ckpt").resolve()
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == [SHARDS_DIR]
+    assert [p.name for p in (checkpoints / SHARDS_DIR).iterdir()] == [last.resolve().name]
     assert checkpoint_step(last) == 2
 
-    _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}))
+    # What kills can leave: last.ckpt pointing to a folder that is gone, a half-written folder,
+    # a link never renamed into place. The relaunch resumes from step00000002.ckpt, cleans up.
+    os.symlink(f"{SHARDS_DIR}/step00000003-gone", checkpoints / ".last.ckpt.partial-link-1")
+    os.replace(checkpoints / ".last.ckpt.partial-link-1", last)
+    half = checkpoints / SHARDS_DIR / "step00000003-half"
+    half.mkdir()
+    (half / "__0_0.distcp").write_bytes(b"half")
+    os.symlink(half.name, checkpoints / ".step00000003.ckpt.partial-link-2")
+    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}))
+    assert "which is missing" in result.stderr and "step00000002.ckpt (step 2)" in result.stderr
+    assert not half.exists() and not [p for p in checkpoints.iterdir() if ".partial" in p.name]
+    assert checkpoint_step(last) == 4
+    pointed = {p.resolve() for p in checkpoints.iterdir() if p.is_symlink()}
+    assert {p.resolve() for p in (checkpoints / SHARDS_DIR).iterdir()} == pointed  # nothing left that no name uses
     steps = [s for s, _ in scalars(run_dir, "train/loss")]
     assert sorted(steps) == [0, 1, 2, 3]  # resumed at step 2, nothing logged twice
     assert (run_dir / "export" / "unet").is_dir() and (run_dir / "samples" / "step00000004.png").is_file()
@@ -155,6 +266,21 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
 
     adapter, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
     assert meta["global_step"] == 4 and adapter.queries.shape[0] == 77  # gathered whole, not a shard
+
+    # An export a kill left incomplete (no completion marker): the relaunch exports it again,
+    # gathering the shards from the resumed sharded checkpoint, and ends.
+    from linguadiff.export import COMPLETE_FILE, export_complete
+
+    (run_dir / "export" / COMPLETE_FILE).unlink()
+    (run_dir / "export" / "adapter.safetensors").write_bytes(b"half")
+    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}), timeout=180)
+    assert "exporting it again" in result.stderr and export_complete(run_dir / "export")
+    again, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
+    assert meta["global_step"] == 4
+    assert all(torch.equal(adapter.state_dict()[k], v) for k, v in again.state_dict().items())
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(run_dir / "export" / "unet")  # loadable
 
 
 def test_even_share_gives_every_consumer_as_many_batches():
