@@ -20,6 +20,7 @@ def build_callbacks(cfg: DictConfig, run_root: Path, export_dir: Path) -> list[L
     from callbacks.rank_failure import StopAllRanksOnError
     from callbacks.rng_state import RNGState
     from callbacks.sample_images import SampleImages, SampleSettings
+    from callbacks.stream_position import StreamPosition
     from linguadiff.export import adapter_metadata
 
     callbacks: list[L.Callback] = [
@@ -27,6 +28,7 @@ def build_callbacks(cfg: DictConfig, run_root: Path, export_dir: Path) -> list[L
         RunExport(export_dir, adapter_metadata(cfg)),
         PreemptionHandler(),
         RNGState(cfg.seed),
+        StreamPosition(),
     ]
     if cfg.stage > 1:
         s, g = cfg.samples, cfg.generate

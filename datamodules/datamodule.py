@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -20,6 +21,8 @@ from datamodules.streams import Tokenizer
 from datamodules.tar_reading import count_samples
 from linguadiff.config import to_plain
 from linguadiff.distributed import gather_objects, group_rank_and_world
+
+logger = logging.getLogger(__name__)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -189,8 +192,9 @@ class ShardDataModule(L.LightningDataModule):
         elif step > 0:
             self._stream_seed = int(self.seed) + step
             self._positions, self._next_worker = {}, 0
-            rank_zero_warn(f"train data: cannot continue the stream exactly ({problem}); reading a stream "
-                           f"reseeded from step {step} instead")
+            if rank == 0:
+                logger.warning("train data: cannot continue the stream exactly (%s); reading a stream reseeded "
+                               "from step %d instead", problem, step)
         self._saved_streams = None
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -25,6 +25,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -366,17 +367,64 @@ def _changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[st
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that always leaves ``last.ckpt`` at the final step of a launch.
+    """ModelCheckpoint that saves a step once everything of it is on disk, and always leaves
+    ``last.ckpt`` at the final step of a launch.
 
-    Lightning skips its end-of-training save when a periodic save already wrote last.ckpt
-    in this launch, even many steps earlier: a run of 300 steps saving every 200 would
-    leave last.ckpt at step 200, and a relaunch would redo 100 steps (seen on a GPU run).
+    - A periodic checkpoint of step N is written when step N+1 starts, not when step N's
+      batch ends: Lightning logs a step's metrics and runs its validation after the
+      batch-end hooks, so a checkpoint written there and a kill right after it would lose
+      them for good (the resumed run starts after them). Before each save the loggers are
+      flushed, so every event of the steps a checkpoint covers is on disk before it exists,
+      and the resumed run's TensorBoard purge (`build_trainer`) drops only what it redoes.
+    - Lightning skips its end-of-training save when a periodic save already wrote last.ckpt
+      in this launch, even many steps earlier: a run of 300 steps saving every 200 would
+      leave last.ckpt at step 200, and a relaunch would redo 100 steps (seen on a GPU run).
     """
+
+    _launch_step: int | None = None
+    _between_steps = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._launch_step = trainer.global_step  # what this launch resumed from is saved already
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pass  # see the class docstring: the save waits for the next step's start
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != self._launch_step:
+            self._between_steps = True
+            try:
+                super().on_train_batch_end(trainer, pl_module, None, batch, batch_idx)
+            finally:
+                self._between_steps = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A save between steps happens after the next batch was fetched: Lightning counts it
+        as ready. Uncount it, so that the checkpoint reads as one taken after a finished step
+        (as at the end of training) and a resumed run logs and validates at the same steps."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if not self._between_steps:
+            return
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress is None:
+            raise RuntimeError("this Lightning version keeps its loop progress elsewhere: update RunCheckpoint")
+        for part in ("total", "current"):
+            if progress[part]["ready"] == progress[part]["started"] + 1:
+                progress[part]["ready"] -= 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                flush = getattr(logger.experiment, "flush", None)
+                if callable(flush):
+                    flush()
+        super()._save_checkpoint(trainer, filepath)
 
 
 def precision_for(cfg: DictConfig) -> str:
@@ -400,7 +448,8 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[L.Callback], mod
         default_hp_metric=False,
         # A run killed after its last checkpoint logged steps that the resumed run logs
         # again: TensorBoard drops events from that step on, so no step appears twice.
-        purge_step=run.resume_step + 1 if run.resume_step else None,
+        # (Steps log 0-based: the resumed run's first step logs as `resume_step`.)
+        purge_step=run.resume_step if run.resume_step else None,
     )
     checkpointing = RunCheckpoint(
         dirpath=run.checkpoints,
