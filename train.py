@@ -13,12 +13,23 @@ import signal
 
 # SLURM's SIGUSR1 (time limit, preemption) can come while this script still imports or loads
 # models; its default action kills the process (and `srun --kill-on-bad-exit` then fails the
-# job instead of requeueing it). So the first thing done is to note it; main() acts on it.
+# job instead of requeueing it). So the first thing done is to note it. Once main() knows it
+# runs as one process, a signal during loading ends the launch at once (a 7B model can take
+# longer to load than SLURM's grace time); with several ranks it is acted on at the first
+# step, all ranks together.
 _EARLY_SIGNALS: list[int] = []
+_STOP_AT_SIGNAL = False
+
+
+class _PreemptedWhileLoading(BaseException):
+    """SIGUSR1 while one process was still loading: nothing trained, nothing to save. A
+    BaseException, so that no `except Exception` on the way swallows it."""
 
 
 def _note_early_signal(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
     _EARLY_SIGNALS.append(signum)
+    if _STOP_AT_SIGNAL:
+        raise _PreemptedWhileLoading
 
 
 if __name__ == "__main__":
@@ -64,17 +75,37 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from linguadiff.distributed import launch_world
     from linguadiff.run import RunDir
 
+    global _STOP_AT_SIGNAL
+    _STOP_AT_SIGNAL = launch_world()[1] == 1
     try:
-        run = RunDir.prepare(cfg)  # rank 0 holds the run_dir's lock until this returns
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        return _train(cfg, run, extra_callbacks)
+        if _STOP_AT_SIGNAL and _EARLY_SIGNALS:
+            raise _PreemptedWhileLoading
+        try:
+            run = RunDir.prepare(cfg)  # rank 0 holds the run_dir's lock until this returns
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        try:
+            return _train(cfg, run, extra_callbacks)
+        finally:
+            run.release()
+    except _PreemptedWhileLoading:
+        _stop_before_training()
+        return 0
     finally:
-        run.release()
+        _STOP_AT_SIGNAL = False
+        _EARLY_SIGNALS.clear()
+
+
+def _stop_before_training() -> None:
+    """Nothing trained in this launch, so nothing to save: the last checkpoint stands."""
+    from callbacks.preemption import requeue
+
+    logging.getLogger("train").warning("Signal SIGUSR1 received before training started: exiting without a checkpoint")
+    requeue()
 
 
 def _train(cfg, run, extra_callbacks: tuple) -> int:
@@ -82,7 +113,7 @@ def _train(cfg, run, extra_callbacks: tuple) -> int:
     import lightning as L
 
     from callbacks import build_callbacks
-    from callbacks.preemption import PreemptionHandler, requeue
+    from callbacks.preemption import PreemptionHandler
     from linguadiff.distributed import launch_world
     from linguadiff.export import export_complete
     from lightning_modules import stage_class
@@ -107,14 +138,14 @@ def _train(cfg, run, extra_callbacks: tuple) -> int:
         return 2
     callbacks = [*build_callbacks(cfg, run.root, run.export), *extra_callbacks]
     preemption = next((c for c in callbacks if isinstance(c, PreemptionHandler)), None)
+    global _STOP_AT_SIGNAL
+    _STOP_AT_SIGNAL = False  # from here on a signal is noted, then acted on below or by the callback
     if preemption is not None:
         preemption.install()  # from here on the callback takes SIGUSR1 itself
         preemption.requested = preemption.requested or bool(_EARLY_SIGNALS)
     early = bool(_EARLY_SIGNALS) or (preemption is not None and preemption.requested)
     if early and launch_world()[1] == 1 and not finished:
-        # Nothing trained in this launch, so nothing to save: the last checkpoint stands.
-        say.warning("Signal SIGUSR1 received before training started: exiting without a checkpoint")
-        requeue()
+        _stop_before_training()
         return 0
     # (With several ranks the callback stops them all together at the first step, with a checkpoint.)
     try:

@@ -414,6 +414,8 @@ class RunCheckpoint(ModelCheckpoint):
                 progress[part]["ready"] -= 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._launch_step:  # the last step's periodic save, when one is due
+            super().on_train_batch_end(trainer, pl_module, None, None, 0)
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)

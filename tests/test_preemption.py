@@ -71,3 +71,27 @@ def test_sigusr1_checkpoints_stops_and_resumes(assets, tmp_path):  # noqa: F811
     steps = [s for s, _ in scalars(run_dir, "train/loss")]
     assert len(steps) == len(set(steps)), "a step was logged twice"
     assert max(steps) == stopped + 2  # steps are 0-based in the logs
+
+
+def test_sigusr1_during_a_long_model_load_ends_the_launch_at_once(assets, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """A 7B model can take longer to load than SLURM's grace time: one process acts on the
+    signal while it loads instead of after."""
+    import lightning_modules
+
+    class SlowToLoad:
+        @classmethod
+        def from_config(cls, cfg):
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning comes mid-load
+            time.sleep(120)
+            raise AssertionError("the load went on after the signal")
+
+    monkeypatch.setattr(lightning_modules, "stage_class", lambda stage: SlowToLoad)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # as in a fresh `python train.py`
+    try:
+        started = time.monotonic()
+        assert train.main(tiny_args(assets, tmp_path / "run")) == 0
+        assert time.monotonic() - started < 60
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert "before training started" in caplog.text
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
