@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.skips import FILTER_REASONS, sum_over_ranks
 from datamodules.sources import ShardSource, parse_sources
-from datamodules.streams import Tokenizer
+from datamodules.streams import Tokenizer, check_position
 from datamodules.tar_reading import count_samples
 from linguadiff.config import to_plain
 from linguadiff.distributed import gather_objects, group_rank_and_world
@@ -70,6 +70,7 @@ class ShardDataModule(L.LightningDataModule):
         self._next_worker = 0
         self._taken: dict[str, Any] | None = None  # the position after the batch a step is working on
         self._saved_streams: list[dict[str, Any]] | None = None  # from the checkpoint resumed
+        self._stream_placed = False  # the first training loader was placed (resumed or reseeded)
 
     def set_tokenizers(self, tokenizers: Mapping[str, Tokenizer] | None) -> None:
         """Attaches the tokenizers applied in the workers; call before the dataloaders are built."""
@@ -171,11 +172,17 @@ class ShardDataModule(L.LightningDataModule):
 
     def _resume_stream(self, sources: list[ShardSource], rank: int, world_size: int) -> None:
         """Puts this rank's training stream where the checkpoint resumed left it, or, when the
-        checkpoint cannot say (older checkpoint, other shards, ranks or workers), reseeds it
-        from the step so that a resumed run does not replay the samples it began with."""
+        checkpoint cannot say (older checkpoint, other shards, ranks or workers, a position
+        that does not parse), reseeds it from the step so that a resumed run does not replay
+        the samples it began with. Once per run: a loader built again later goes on from the
+        last finished step."""
+        if self._stream_placed:
+            return
+        self._stream_placed = True
         trainer = getattr(self, "trainer", None)
         step = int(getattr(trainer, "global_step", 0) or 0) if trainer is not None else 0
         saved, problem = self._saved_streams, None
+        self._saved_streams = None
         if saved is None:
             problem = "the checkpoint holds no data-stream position (written by an older version)"
         elif len(saved) != world_size:
@@ -183,11 +190,19 @@ class ShardDataModule(L.LightningDataModule):
         elif not isinstance(saved[rank], Mapping) or saved[rank].get("fingerprint") != self._stream_fingerprint(
                 sources, world_size):
             problem = "the shards, their weights, data.shuffle_buffer or data.num_workers changed"
+        else:
+            try:  # a checkpoint is a file like any other: check what the workers will parse
+                mine = saved[rank]
+                seed, next_worker = int(mine["seed"]), int(mine["next_worker"])
+                positions = {int(worker): dict(state) for worker, state in dict(mine["workers"]).items()}
+                for state in positions.values():
+                    check_position(state, len(sources))
+                if not 0 <= next_worker < max(1, self.num_workers):
+                    raise ValueError(f"next worker {next_worker} of {self.num_workers}")
+            except Exception as error:  # noqa: BLE001 - any malformed content is the same problem
+                problem = f"its stream position does not parse: {type(error).__name__}: {str(error)[:200]}"
         if problem is None:
-            mine = saved[rank]
-            self._stream_seed = int(mine["seed"])
-            self._positions = {int(worker): dict(state) for worker, state in dict(mine["workers"]).items()}
-            self._next_worker = int(mine["next_worker"])
+            self._stream_seed, self._positions, self._next_worker = seed, positions, next_worker
             rank_zero_info(f"train data: resuming the stream where step {step} left it")
         elif step > 0:
             self._stream_seed = int(self.seed) + step
@@ -195,7 +210,6 @@ class ShardDataModule(L.LightningDataModule):
             if rank == 0:
                 logger.warning("train data: cannot continue the stream exactly (%s); reading a stream reseeded "
                                "from step %d instead", problem, step)
-        self._saved_streams = None
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Takes the stream position off a training batch as a step takes it (batches are

@@ -285,6 +285,23 @@ class TrainingOrder:
             block, taken = block + 1, 0
 
 
+def check_position(state: Mapping[str, Any], sources: int) -> None:
+    """Raises ValueError/TypeError unless `state` is a training position (`with_position`) of a
+    stream of `sources` sources that the workers can parse."""
+    order = state.get("order") or {}
+    positions = order.get("positions", [])
+    if positions and len(positions) != sources:
+        raise ValueError(f"a position for {len(positions)} sources, the stream has {sources}")
+    for position in positions:
+        if not all(isinstance(value, int) and value >= 0 for value in asdict(ReadPosition(**position)).values()):
+            raise ValueError(f"read position {position!r}")
+    for saved in (order.get("mix_rng"), state.get("sample_rng")):
+        if saved is not None:
+            random_from(0, saved)
+    if not all(isinstance(order.get(name, 0), int) and order.get(name, 0) >= 0 for name in ("block", "taken")):
+        raise ValueError(f"block {order.get('block')!r}, taken {order.get('taken')!r}")
+
+
 def random_from(seed: int | str, saved: Sequence[Any] | None = None) -> random.Random:
     """A generator seeded with `seed`, or in the state `saved` (a `getstate()` that went
     through a checkpoint) when there is one."""

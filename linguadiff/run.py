@@ -382,7 +382,6 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _launch_step: int | None = None
-    _between_steps = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -393,25 +392,28 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step != self._launch_step:
-            self._between_steps = True
-            try:
-                super().on_train_batch_end(trainer, pl_module, None, batch, batch_idx)
-            finally:
-                self._between_steps = False
+            super().on_train_batch_end(trainer, pl_module, None, batch, batch_idx)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """A save between steps happens after the next batch was fetched: Lightning counts it
-        as ready. Uncount it, so that the checkpoint reads as one taken after a finished step
-        (as at the end of training) and a resumed run logs and validates at the same steps."""
+        """Our saves come between steps or at the end of training, after the step's
+        validation; Lightning's own come at a batch's end, and its restart logic (which
+        decides at which step a resumed run logs and validates next) reads the loop progress
+        as such. So the progress is written as Lightning's batch-end save of the same step
+        would have it: the step's batch processed, not yet completed, the logging step not
+        yet advanced (the batch a save between steps already fetched is not counted)."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if not self._between_steps:
-            return
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        if progress is None:
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress, state = loop.get("epoch_loop.batch_progress"), loop.get("epoch_loop.state_dict")
+        if progress is None or state is None or "_batches_that_stepped" not in state:
             raise RuntimeError("this Lightning version keeps its loop progress elsewhere: update RunCheckpoint")
+        done = progress["total"]["completed"]
+        if done == 0 or state["_batches_that_stepped"] != trainer.global_step:
+            return  # not a state between steps (gradient accumulation, an empty launch): as it is
         for part in ("total", "current"):
-            if progress[part]["ready"] == progress[part]["started"] + 1:
-                progress[part]["ready"] -= 1
+            counts = progress[part]
+            finished = counts["completed"]
+            counts.update(ready=finished, started=finished, processed=finished, completed=finished - 1)
+        state["_batches_that_stepped"] -= 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._launch_step:  # the last step's periodic save, when one is due

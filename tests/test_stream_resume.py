@@ -152,3 +152,30 @@ def test_a_reader_position_starts_mid_shard_without_recounting_skips(shards):
     assert first[0] not in rest[:5]
     # The samples read again only to find the place are not counted twice; the next pass is.
     assert again.totals == skips.totals - counted_before
+
+
+@pytest.mark.parametrize("damage", ["rng", "position", "worker"])
+def test_a_malformed_stream_position_reseeds_instead_of_crashing_the_workers(shards, caplog, damage):
+    first = _datamodule("text", shards, 2)
+    first.setup("fit")
+    _steps(first, iter(first.train_dataloader()), 3)
+    saved = first.state_dict()
+    mine = saved["train_streams"][0]
+    state = mine["workers"][0]
+    if damage == "rng":
+        state["sample_rng"] = (3, (1, 2, 3), None)  # not a generator state
+    elif damage == "position":
+        state["order"]["positions"][0]["shard"] = "../../etc"
+    else:
+        mine["next_worker"] = 7
+
+    relaunched = _datamodule("text", shards, 2)
+    relaunched.setup("fit")
+    relaunched.load_state_dict(saved)
+
+    class Trainer:
+        global_step = 3
+
+    relaunched.trainer = Trainer()
+    assert len(next(iter(relaunched.train_dataloader()))["key"]) == 5
+    assert "stream position does not parse" in caplog.text
