@@ -1,12 +1,22 @@
 """Sample images during stages 2-3: a fixed grid of prompts drawn with the EMA weights.
 
 Several languages, one long prompt and a negative prompt (configs: `samples.*`), the same
-seeds every time, so grids from step to step show what training changes. Written to
-TensorBoard (`samples/grid`) and to run_dir/samples/step<N>.png. Drawing goes through the
-same Generator as generate.py, so what you see here is what users get.
+seeds every time, so grids from step to step show what training changes. Drawing goes through
+the same Generator as generate.py, so what you see here is what users get.
+
+A grid must say what it shows (issue 13): each row is numbered in a left margin (digits only:
+a font with CJK glyphs may be missing, so prompts are never drawn into the image), and the
+number -> prompt mapping is written beside it:
+
+- run_dir/samples/step<N>.png and step<N>.json (each row's prompt, seeds, the negative prompt
+  and drawing settings);
+- TensorBoard: `samples/grid` (the numbered grid), `samples/prompt_<row>` (one row's images)
+  and `samples/prompts` in the Text tab (a markdown table: row, prompt, negative prompt,
+  seeds, step).
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +102,44 @@ class SampleImages(L.Callback):
             pl_module.train(module_mode)
         if not trainer.is_global_zero:
             return None
+        step = trainer.global_step
         rows = [[im for i, _, im in drawn if i == p] for p in range(len(prompts))]
-        grid = image_grid(rows)
+        grid = image_grid(rows, row_labels=[str(p) for p in range(len(prompts))])
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"step{trainer.global_step:08d}.png"
+        path = self.out_dir / f"step{step:08d}.png"
         grid.save(path)
+        legend = self.legend(step)
+        path.with_suffix(".json").write_text(json.dumps(legend, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("samples/grid", np.asarray(grid), trainer.global_step, dataformats="HWC")
-        log.info("Sample grid (EMA weights, %d prompts x %d) at step %d: %s", len(prompts), s.num_images, trainer.global_step, path)
+            experiment.add_image("samples/grid", np.asarray(grid), step, dataformats="HWC")
+            for p, row in enumerate(rows):
+                experiment.add_image(f"samples/prompt_{p:02d}", np.asarray(image_grid([row])), step, dataformats="HWC")
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("samples/prompts", prompts_table(legend), step)
+        log.info("Sample grid (EMA weights, %d prompts x %d) at step %d: %s", len(prompts), s.num_images, step, path)
         return path
+
+    def legend(self, step: int) -> dict:
+        """What the grid drawn at `step` shows, row by row: image j of every row is drawn from
+        seed `seed + j` (Generator's rule), so a column compares prompts on the same noise."""
+        s = self.settings
+        seeds = [s.seed + j for j in range(s.num_images)]
+        return {
+            "step": step, "weights": "ema", "negative_prompt": s.negative_prompt,
+            "scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance,
+            "rows": [{"row": p, "prompt": prompt, "seeds": seeds} for p, prompt in enumerate(s.prompts)],
+        }
+
+
+def prompts_table(legend: dict) -> str:
+    """The legend as a markdown table for TensorBoard's Text tab, one line per grid row. A `|`
+    in a prompt is escaped and a line break flattened, so a prompt stays in its own cell."""
+    def cell(text: str) -> str:
+        return " ".join(text.split("\n")).replace("|", "\\|")
+
+    lines = ["| row | prompt | negative prompt | seeds | step |", "|---|---|---|---|---|"]
+    for row in legend["rows"]:
+        seeds = ", ".join(str(seed) for seed in row["seeds"])
+        lines.append(f"| {row['row']} | {cell(row['prompt'])} | {cell(legend['negative_prompt'])} | {seeds} | {legend['step']} |")
+    return "\n".join(lines)

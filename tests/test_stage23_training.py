@@ -1,12 +1,14 @@
 """Stages 2 and 3 on tiny SD1.5/SDXL-shaped stand-ins: hand-offs, what trains, EMA, export."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import evaluate
 import generate
@@ -81,6 +83,17 @@ def test_stage2_trains_adapter_and_unet_and_exports_for_diffusers(world, stage1_
     assert (export / "README.md").read_text().startswith("# LinguaDiff export")
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step00000002.png", "step00000004.png"]
     assert scalars(run_dir, "val/loss") and scalars(run_dir, "val/loss_t200")
+    # Each grid says what it shows (issue 13): a legend beside the PNG, and in TensorBoard one
+    # image per prompt and a text table holding every prompt exactly (the Chinese one too).
+    prompts = ["a red circle", "一个蓝色的正方形"]
+    legend = json.loads((run_dir / "samples" / "step00000004.json").read_text(encoding="utf-8"))
+    assert [(r["row"], r["prompt"], r["seeds"]) for r in legend["rows"]] == [(0, prompts[0], [0]), (1, prompts[1], [0])]
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert {"samples/grid", "samples/prompt_00", "samples/prompt_01"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("samples/prompt_01")] == [2, 4]
+    (table,) = [e for e in events.Tensors("samples/prompts/text_summary") if e.step == 4]
+    text = table.tensor_proto.string_val[0].decode("utf-8")
+    assert [line.split(" | ")[1] for line in text.splitlines()[2:]] == prompts
 
     # generate.py draws with the stage-2 export (its UNet) through the diffusers pipeline.
     out = tmp_path / "out"
