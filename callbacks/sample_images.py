@@ -4,7 +4,7 @@ Several languages, one long prompt and a negative prompt (configs: `samples.*`),
 seeds every time, so grids from step to step show what training changes. Drawing goes through
 the same Generator as generate.py, so what you see here is what users get.
 
-A grid must say what it shows (issue 13): each row is numbered in a left margin (digits only:
+A grid must say what it shows: each row is numbered in a left margin (digits only:
 a font with CJK glyphs may be missing, so prompts are never drawn into the image), and the
 number -> prompt mapping is written beside it:
 
