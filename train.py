@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> int:
         finally:
             run.release()
     except _PreemptedWhileLoading:
+        _STOP_AT_SIGNAL = False  # a second signal while requeueing is only noted
         _stop_before_training()
         return 0
     finally:
