@@ -85,7 +85,7 @@ class RNGState(L.Callback):
         seed_all(derived_seed(self.seed, rank, trainer.global_step))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
+        if trainer.state.fn == "fit":
             self._before_validation = collect_rng_states()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

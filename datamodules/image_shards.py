@@ -86,11 +86,9 @@ from datamodules.streams import (
     ReadPosition,
     ShardStream,
     Tokenizer,
-    TrainingOrder,
     UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
-    random_from,
 )
 
 logger = logging.getLogger(__name__)
@@ -479,7 +477,7 @@ class ImageTextStream(ShardStream):
     Everything runs in the DataLoader workers: reading, shuffling, decoding, batching and
     tokenizing. The shuffle blocks hold raw (still encoded) samples: a block of decoded
     1024 px float images would cost 12 MB per entry. Training batches carry the stream's
-    position after them (`ShardStream.with_position`).
+    position after them (`ShardStream._resumable_batches`).
     """
 
     tokenized_fields = TOKENIZED_FIELDS
@@ -492,7 +490,12 @@ class ImageTextStream(ShardStream):
         skips = SkipCounter()
         self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
         if self.decoder.train:
-            yield from self._train_batches(skips)
+            yield from self._resumable_batches(
+                skips,
+                lambda index, consumer, position: self._source_samples(index, consumer, skips, infinite=True,
+                                                                       position=position),
+                lambda order, rng: self._examples(iter(order), skips, rng),  # captions, dropout, crops, flips
+            )
             return
         # Validation: every source once, in order, the same pool every time.
         reader, consumer = self._consumers(train=False)
@@ -503,27 +506,12 @@ class ImageTextStream(ShardStream):
         batches = batches_with_skips(examples, self.batch_size, True, skips, self._collate)
         yield from self._share(batches, False, consumer)
 
-    def _train_batches(self, skips: SkipCounter) -> Iterator[dict[str, Any]]:
-        """Endless full batches, each with the stream's position after it (a resumed stream
-        starts where `resume_positions` says)."""
-        consumer = self.training_consumer()
-        saved = self.resume_positions.get(consumer.worker_id, {})
-        # Per-consumer randomness: workers and ranks must not shuffle, crop or draw alike.
-        seed = f"{self.seed}:{consumer.rank}:{consumer.worker_id}"
-        rng = random_from(seed, saved.get("sample_rng"))  # captions, dropout, crops, flips
+    def _extra_state(self) -> dict[str, Any]:
+        return {"signature": getattr(self, "_signature", None)}  # which batch shape wins a tie
+
+    def _restore_extra_state(self, saved: Mapping[str, Any]) -> None:
         if saved.get("signature") is not None:
             self._signature = saved["signature"]
-        order = TrainingOrder(
-            lambda positions: [
-                self._source_samples(index, consumer, skips, infinite=True, position=positions[index])
-                for index in range(len(self.sources))
-            ],
-            [source.weight for source in self.sources], self.shuffle_buffer, seed, skips, saved.get("order"),
-        )
-        examples = self._examples(iter(order), skips, rng)
-        for batch in batches_with_skips(examples, self.batch_size, False, skips, self._collate):
-            state = {"order": order.state(), "sample_rng": rng.getstate(), "signature": getattr(self, "_signature", None)}
-            yield self.with_position(batch, consumer, state)
 
     def _source_samples(
         self, index: int, consumer: Consumer, skips: SkipCounter, *, infinite: bool, position: ReadPosition | None = None

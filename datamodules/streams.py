@@ -286,7 +286,7 @@ class TrainingOrder:
 
 
 def check_position(state: Mapping[str, Any], sources: int) -> None:
-    """Raises ValueError/TypeError unless `state` is a training position (`with_position`) of a
+    """Raises ValueError/TypeError unless `state` is a training position (`ShardStream._resumable_batches`) of a
     stream of `sources` sources that the workers can parse."""
     order = state.get("order") or {}
     positions = order.get("positions", [])
@@ -416,10 +416,38 @@ class ShardStream(IterableDataset):
         physical = Consumer.current(self.rank, self.world_size)
         return replace(physical, worker_id=(physical.worker_id + self.first_worker) % physical.num_workers)
 
-    def with_position(self, batch: dict[str, Any], consumer: Consumer, state: dict[str, Any]) -> dict[str, Any]:
-        """`batch` with the position of its training stream after it (plain types)."""
-        batch["stream_position"] = {"worker": consumer.worker_id, "workers": consumer.num_workers, "state": state}
-        return batch
+    def _resumable_batches(
+        self,
+        skips: SkipCounter,
+        open_source: Callable[[int, Consumer, ReadPosition], Iterator[Any]],
+        to_items: Callable[[TrainingOrder, random.Random], Iterator[Any]],
+    ) -> Iterator[dict[str, Any]]:
+        """Endless full training batches, each carrying the stream's position after it
+        (`stream_position`, plain types); a resumed stream starts where `resume_positions`
+        says. `open_source(index, consumer, position)` gives one source's items from
+        `position` on; `to_items(order, rng)` turns the training order into what `_collate`
+        batches, drawing per-sample randomness from `rng` (this consumer's generator)."""
+        consumer = self.training_consumer()
+        saved = self.resume_positions.get(consumer.worker_id, {})
+        self._restore_extra_state(saved)
+        # Per-consumer randomness: workers and ranks must not shuffle or draw alike.
+        seed = f"{self.seed}:{consumer.rank}:{consumer.worker_id}"
+        rng = random_from(seed, saved.get("sample_rng"))
+        order = TrainingOrder(
+            lambda positions: [open_source(index, consumer, positions[index]) for index in range(len(self.sources))],
+            [source.weight for source in self.sources], self.shuffle_buffer, seed, skips, saved.get("order"),
+        )
+        for batch in batches_with_skips(to_items(order, rng), self.batch_size, False, skips, self._collate):
+            state = {"order": order.state(), "sample_rng": rng.getstate(), **self._extra_state()}
+            batch["stream_position"] = {"worker": consumer.worker_id, "workers": consumer.num_workers, "state": state}
+            yield batch
+
+    def _extra_state(self) -> dict[str, Any]:
+        """More of a subclass's stream state to save with each position (plain types)."""
+        return {}
+
+    def _restore_extra_state(self, saved: Mapping[str, Any]) -> None:
+        """Puts back what `_extra_state` saved."""
 
     def _collate_items(self, items: list[Any], skips: SkipCounter) -> dict[str, Any]:
         """Items -> batch dict; may drop (and count in `skips`) items that do not fit the batch."""

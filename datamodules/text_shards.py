@@ -34,11 +34,9 @@ from datamodules.streams import (
     ReadPosition,
     ShardStream,
     Tokenizer,
-    TrainingOrder,
     UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
-    random_from,
 )
 
 TOKENIZER_ROLES = ("teacher", "student")
@@ -157,7 +155,11 @@ class TextPairStream(ShardStream):
         skips = SkipCounter()
         self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
         if self.train:
-            yield from self._train_batches(skips)
+            yield from self._resumable_batches(
+                skips,
+                lambda index, consumer, position: self._samples(index, consumer, skips, position),
+                lambda order, rng: self._train_pairs(order, rng, skips),  # languages drawn with rng
+            )
             return
         reader, consumer = self._consumers(train=False)
         batches = batches_with_skips(self._val_pairs(reader, skips), self.batch_size, True, skips, self._collate)
@@ -187,22 +189,6 @@ class TextPairStream(ShardStream):
                 yield sample
             elif self.train:
                 self._guard.rejected()
-
-    def _train_batches(self, skips: SkipCounter) -> Iterator[dict[str, Any]]:
-        """Endless full batches, each with the stream's position after it (a resumed stream
-        starts where `resume_positions` says)."""
-        consumer = self.training_consumer()
-        saved = self.resume_positions.get(consumer.worker_id, {})
-        # Per-consumer randomness: workers and ranks must not shuffle or draw identically.
-        seed = f"{self.seed}:{consumer.rank}:{consumer.worker_id}"
-        rng = random_from(seed, saved.get("sample_rng"))  # language draws
-        order = TrainingOrder(
-            lambda positions: [self._samples(i, consumer, skips, positions[i]) for i in range(len(self.sources))],
-            [source.weight for source in self.sources], self.shuffle_buffer, seed, skips, saved.get("order"),
-        )
-        pairs = self._train_pairs(order, rng, skips)
-        for batch in batches_with_skips(pairs, self.batch_size, False, skips, self._collate):
-            yield self.with_position(batch, consumer, {"order": order.state(), "sample_rng": rng.getstate()})
 
     def _train_pairs(self, samples: Iterable[TextSample], rng: random.Random, skips: SkipCounter) -> Iterator[TextPair]:
         for sample in samples:
