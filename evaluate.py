@@ -2,6 +2,7 @@
 
     python evaluate.py run_dir=runs/demo1                              # the demo, offline, CPU
     python evaluate.py run_dir=[runs/demo2,runs/demo3]                 # compare: one table, rows = metrics
+    python evaluate.py run_dir=[base,runs/demo1]                       # and the base with its own CLIP
     python evaluate.py run_dir=/scratch/run2 clip=/models/clip-vit-large-patch14 \\
         inception_weights=/models/weights-inception-2015-12-05-6726825d.pth \\
         aesthetic_head=/models/sac+logos+ava1-l14-linearMSE.pth \\
@@ -22,7 +23,8 @@ from linguadiff.cli import parse_args
 from linguadiff.config import ConfigError
 
 OPTIONS = {
-    "run_dir": None,  # a run folder, or several: [a,b] or a,b (comparison mode)
+    "run_dir": None,  # a run folder, or several: [a,b] or a,b (comparison mode); `base`: the base with its own CLIP
+    "base_dir": None,  # where run_dir=base writes its eval/ (default: base-NAME beside the first run, else runs/base-NAME)
     "sets": None,  # which prompt sets to run: [captions,multilingual,long,text] (default: all)
     "languages": None,  # [en,zh,fr,de,es,ja] by default; must include en
     "multilingual": "auto",  # auto | demo | parallel | PATH.json (a list of {lang: prompt})
@@ -53,18 +55,26 @@ OPTIONS = {
 }
 
 
-def run_dirs_of(value) -> list[Path]:
-    """The run folders named by run_dir (one, a [a,b] list or a,b); each must exist."""
-    from evaluation.runner import as_list
+def run_dirs_of(value) -> list[Path | str]:
+    """The run folders named by run_dir (one, a [a,b] list or a,b), each existing, and the word
+    `base` (the base with its own CLIP) where it is given; a folder named base reads ./base."""
+    from evaluation.runner import BASE_RUN, as_list
 
     items = as_list(value, "run_dir")
     if not items:
         raise ConfigError("option 'run_dir' is required (run_dir=PATH, or run_dir=[A,B] to compare runs)")
-    paths = [Path(item).expanduser() for item in items]
-    for path in paths:
+    if items.count(BASE_RUN) > 1:
+        raise ConfigError(f"run_dir names '{BASE_RUN}' twice")
+    runs: list[Path | str] = []
+    for item in items:
+        if item == BASE_RUN:
+            runs.append(BASE_RUN)
+            continue
+        path = Path(item).expanduser()
         if not path.is_dir():
             raise ConfigError(f"run_dir {path} does not exist")
-    return paths
+        runs.append(path)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,20 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, OPTIONS)
-        run_dirs = run_dirs_of(args["run_dir"])
+        items = run_dirs_of(args["run_dir"])
         from evaluation.report import comparison_table, run_names
-        from evaluation.runner import EvalSettings, SharedTools, evaluate_run
+        from evaluation.runner import BASE_RUN, EvalSettings, SharedTools, evaluate_base, evaluate_run, resolve_base
         from linguadiff.generation import find_adapter, resolve_device
 
+        run_dirs = [item for item in items if item != BASE_RUN]
         for run_dir in run_dirs:
             find_adapter(run_dir)  # every run must have finished before any is measured
         settings = EvalSettings.from_args(args, *resolve_device(args["device"], args["dtype"]))
+        base = resolve_base(settings, run_dirs) if BASE_RUN in items else None
+        if base is not None:
+            default = (run_dirs[0].parent if run_dirs else Path("runs")) / f"base-{base.name}"
+            base_dir = Path(args["base_dir"]).expanduser() if args["base_dir"] else default
         tools = SharedTools(settings)
-        reports = [evaluate_run(run_dir, settings, tools) for run_dir in run_dirs]
+        reports = [evaluate_base(base, base_dir, settings, tools) if item == BASE_RUN else evaluate_run(item, settings, tools)
+                   for item in items]
     except (ConfigError, FileNotFoundError, RemoteCodeRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(comparison_table(run_names(run_dirs), [r.metrics for r in reports]))
+    names = run_names(run_dirs)
+    columns = [BASE_RUN if item == BASE_RUN else names.pop(0) for item in items]
+    print(comparison_table(columns, [r.metrics for r in reports]))
     for report in reports:
         for warning in report.stand_ins():
             print(f"note ({report.run_dir.name}): {warning}")

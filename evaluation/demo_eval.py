@@ -7,7 +7,7 @@ and the demo's aesthetic measure (0-10: large, centred shapes on a clean backgro
 back from the pixels), which stage 3 should raise.
 
     python -m evaluation.demo_eval run_dir=runs/stage1            # LLM + adapter, every language
-    python -m evaluation.demo_eval base_only=true                    # the base with its own CLIP (English)
+    python -m evaluation.demo_eval base_only=true                    # the base with its own CLIP, every language
 """
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     draw = {k: args[k] for k in ("steps", "guidance", "scheduler")}
     if args["base_only"]:
         generator = Generator.from_base(args["base"], "demo", scheduler="ddim", steps=20, guidance=1.5)
-        results = colour_accuracy(generator, ("en",), args["per_prompt"], args["seed"], **draw)
-        title, out = f"base {args['base']} with its own English CLIP encoder", None
+        results = colour_accuracy(generator, per_prompt=args["per_prompt"], seed=args["seed"], **draw)
+        title, out = f"base {args['base']} with its own CLIP text encoder", None
     else:
         generator = Generator.from_run(args["run_dir"])
         results = colour_accuracy(generator, per_prompt=args["per_prompt"], seed=args["seed"], **draw)

@@ -15,6 +15,10 @@ Prompt sets and what they measure (option ``sets``):
 
 What several runs share (CLIP, the aesthetic head, the reference features) is loaded once
 in :class:`SharedTools`; each run then gets its own ``eval/metrics.json``.
+
+``run_dir=base`` (alone or in a list) evaluates the base model with its own CLIP text encoder
+on the same sets, languages, seeds and drawing settings as the runs beside it: the row that
+says what the LLM adds over the encoder it replaced.
 """
 from __future__ import annotations
 
@@ -42,11 +46,13 @@ from evaluation.image_features import FID_FEATURES, DistributionDistance, featur
 from evaluation.references import reference_batches
 from evaluation.report import GRID_FILE, Report, write_tensorboard
 from evaluation.text_alignment import held_out_text_metrics
-from linguadiff.generation import Generator
+from linguadiff.generation import Generator, find_adapter, require_on_this_machine
+from linguadiff.models.adapter import read_adapter_metadata
 
 log = logging.getLogger(__name__)
 
 SETS = ("captions", "multilingual", "long", "text")
+BASE_RUN = "base"  # run_dir=base: the base model with its own CLIP, evaluated like a run
 PROGRESS_EVERY_S = 10.0
 
 
@@ -414,15 +420,103 @@ def models_used(settings: EvalSettings, tools: SharedTools) -> dict[str, Any]:
     return models
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model evaluated with its own CLIP (``run_dir=base``) and how to draw with it."""
+
+    path: str
+    kind: str  # demo | sd15 | sdxl
+    revision: str | None
+    defaults: dict[str, Any]  # scheduler, steps, guidance, negative prompt: the runs' own when there are runs
+
+    @property
+    def name(self) -> str:
+        return Path(self.path.rstrip("/")).name or self.path
+
+
+def base_kind_of(path: str, revision: str | None) -> str:
+    """demo | sd15 | sdxl, from the pipeline's model_index.json (a local folder or the HF cache)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"option 'base': cannot read {path}'s model_index.json: {err}") from err
+    name = str(config.get("_class_name", ""))
+    if config.get("linguadiff_base") == "demo":
+        return "demo"
+    if name.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if name.startswith("StableDiffusion"):
+        return "sd15"
+    raise ConfigError(f"option 'base': {path} is a {name or 'pipeline without _class_name'}; "
+                      "run_dir=base evaluates Stable Diffusion 1.x/2.x, SDXL or the demo base")
+
+
+def resolve_base(settings: EvalSettings, run_dirs: list[Path]) -> BaseModel:
+    """The base for ``run_dir=base``: ``base=PATH``, else the one the runs' exports name (they must agree).
+
+    Drawing defaults come from the first run's export, so the base is drawn exactly as the
+    runs beside it; without runs, from the configs of the base's kind."""
+    metas = [read_adapter_metadata(find_adapter(run_dir)) for run_dir in run_dirs]
+    named = sorted({(str(m["base_model"]["path"]), m["base_model"].get("revision")) for m in metas}, key=str)
+    if settings.base:
+        path, revision = settings.base, None
+    elif len(named) == 1:
+        path, revision = named[0]
+        require_on_this_machine(path, "base model", "base", revision, "model_index.json")  # an export's say-so
+    elif not named:
+        raise ConfigError("run_dir=base needs base=PATH (the base model to evaluate with its own CLIP) "
+                          "or a run beside it whose export names its base")
+    else:
+        raise ConfigError(f"run_dir=base: the runs were trained on different bases ({', '.join(p for p, _ in named)}); "
+                          "give base=PATH")
+    kinds = {str(m["base_model"]["kind"]) for m in metas}
+    kind = kinds.pop() if len(kinds) == 1 else base_kind_of(path, revision)
+    if metas:
+        defaults = dict(metas[0].get("generate", {}))
+    else:
+        defaults = dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "base.yaml").generate))
+        preset = CONFIG_DIR / "model" / f"{kind}.yaml"
+        if preset.is_file():
+            defaults.update(OmegaConf.to_container(OmegaConf.load(preset).get("generate", {})) or {})
+    return BaseModel(path=path, kind=kind, revision=revision, defaults=defaults)
+
+
+def evaluate_base(base: BaseModel, out_dir: Path, settings: EvalSettings, tools: SharedTools) -> Report:
+    """The base with its own CLIP on every set and language; writes out_dir/eval/metrics.json,
+    grid.png and TensorBoard like a run. The text set is skipped: its measures compare an
+    encoder with this very CLIP."""
+    started = time.perf_counter()
+    log.info("Evaluating the base %s with its own CLIP text encoder (results in %s)", base.path, out_dir)
+    generator = Generator.from_base(base.path, base.kind, device=settings.device, dtype=settings.dtype,
+                                    revision=base.revision, **base.defaults)
+    header = {
+        "run_dir": str(out_dir), "stage": "base", "global_step": 0, "base_model": base.path, "llm": None,
+        "text_encoder": "the base's own CLIP",
+        "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "settings": settings.describe(),
+        "sampling": {name: getattr(settings, name) if getattr(settings, name) is not None else base.defaults.get(name)
+                     for name in ("scheduler", "steps", "guidance")},
+    }
+    skip_text = "the text measures compare an encoder with the base's own CLIP: nothing to measure for the base itself"
+    return _evaluate(generator, Report(out_dir, header=header), None, settings, tools, started, skip_text)
+
+
 def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> Report:
     """Evaluate one run's export; writes run_dir/eval/metrics.json, grid.png and TensorBoard."""
-    from linguadiff.images import image_grid
-
     started = time.perf_counter()
     generator = Generator.from_run(run_dir, device=settings.device, dtype=settings.dtype, base_path=settings.base,
                                    llm_path=settings.llm, trust_remote_code=settings.trust_remote_code)
-    demo = generator.kind == "demo"
     report = Report(run_dir, header=run_header(run_dir, generator, settings))
+    return _evaluate(generator, report, load_run_config(run_dir), settings, tools, started)
+
+
+def _evaluate(generator: Generator, report: Report, cfg: DictConfig | None, settings: EvalSettings, tools: SharedTools,
+              started: float, skip_text: str | None = None) -> Report:
+    from linguadiff.images import image_grid
+
+    run_dir = report.run_dir
+    demo = generator.kind == "demo"
     report.timings_s["load"] = time.perf_counter() - started
     drawer = Drawer(generator, settings.steps, settings.guidance, settings.scheduler, settings.batch_size)
     grid_rows: list[list[Image.Image]] = []
@@ -435,8 +529,10 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> R
             grid_rows = multilingual_set(drawer, settings, tools, report, parallel, demo)
         elif name == "long":
             long_set(drawer, settings, tools, report)
+        elif skip_text:
+            report.skipped["text"] = skip_text
         else:
-            text_set(generator, load_run_config(run_dir), settings, report)
+            text_set(generator, cfg, settings, report)
         report.timings_s[name] = time.perf_counter() - set_started
         log.info("%s: %s set done in %.1f s", run_dir.name, name, report.timings_s[name])
     report.models = models_used(settings, tools)

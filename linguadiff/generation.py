@@ -101,12 +101,13 @@ class Generator:
         return cls(encoder=encoder, pipeline=pipeline, kind=kind, metadata=meta, defaults=dict(meta.get("generate", {})))
 
     @classmethod
-    def from_base(cls, base_path: str, kind: str, device: str = "cpu", dtype: str = "float32", **defaults) -> "Generator":
+    def from_base(cls, base_path: str, kind: str, device: str = "cpu", dtype: str = "float32",
+                  revision: str | None = None, **defaults) -> "Generator":
         """The base model with its own CLIP text encoder: the reference the adapter must match."""
         from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 
         encoder = CLIPTeacher(base_path, kind=teacher_kind(kind), dtype=dtype).to(device)
-        pipeline = load_pipeline(kind, base_path, None, torch_dtype(dtype), None)
+        pipeline = load_pipeline(kind, base_path, None, torch_dtype(dtype), revision)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
         return cls(encoder=encoder.eval(), pipeline=pipeline, kind=kind, metadata={}, defaults=defaults)

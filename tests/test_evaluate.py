@@ -21,7 +21,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 import evaluate
 import train
 from datamodules.demo_data import LANGUAGES, write_demo_shards
-from linguadiff.config import ConfigError
+from linguadiff.config import PROJECT_ROOT, ConfigError
 from evaluation import prompt_sets
 from evaluation.aesthetic import AestheticHead
 from evaluation.clip_models import cross_language_similarity, features_tensor, image_tensors, load_clip
@@ -400,6 +400,36 @@ def test_evaluate_compares_two_demo_runs_end_to_end(assets, eval_data, tmp_path,
     assert events.Scalars("eval/fid")[-1].step == 2
     assert events.Scalars("eval/fid")[-1].value == pytest.approx(metrics["fid"], rel=1e-5)
     assert "eval/colour/ja" in events.Tags()["scalars"] and events.Tags()["images"] == ["eval/grid"]
+
+
+def test_the_base_with_its_own_clip_is_a_row_beside_the_runs(assets, tmp_path, capsys):  # noqa: F811
+    """run_dir=[base,RUN]: the base the run's export names, drawn with its own CLIP on every
+    language and the run's drawing settings; its report sits beside the run's."""
+    run = demo_run(assets, tmp_path / "runs" / "llm")
+    code = evaluate.main([f"run_dir=[base,{run}]", "sets=[multilingual,text]", "languages=[en,zh]", f"text={assets['val']}",
+                          *quick(steps=1)])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["metric", "base", "llm"]
+    base_dir = tmp_path / "runs" / "base-demo_base"
+    report = json.loads((base_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    ours = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert report["stage"] == "base" and report["base_model"].endswith("demo_base")
+    assert report["sampling"] == ours["sampling"] == {"scheduler": "ddim", "steps": 1, "guidance": 1.5}
+    for key in ("colour/en", "colour/zh", "shape/zh", "multilingual/image_cosine/zh"):
+        assert key in report["metrics"] and key in ours["metrics"], key
+    assert "text/loss/zh" in ours["metrics"] and not any(k.startswith("text/") for k in report["metrics"])
+    assert "text" in report["skipped"]
+    assert Image.open(base_dir / "eval" / "grid.png").size == Image.open(run / "eval" / "grid.png").size
+    assert EventAccumulator(str(base_dir / "tensorboard" / "eval")).Reload().Scalars("eval/colour/zh")
+
+    # Alone, the base needs base=PATH; its kind and drawing defaults then come from the folder and the presets.
+    assert evaluate.main(["run_dir=base"]) == 2
+    assert "run_dir=base needs base=PATH" in capsys.readouterr().err
+    alone = tmp_path / "alone"
+    assert evaluate.main(["run_dir=base", f"base={PROJECT_ROOT / 'assets' / 'demo_base'}", f"base_dir={alone}", "sets=[multilingual]",
+                          "languages=[en]", "tensorboard=false", *quick(steps=1)]) == 0
+    report = json.loads((alone / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert report["sampling"] == {"scheduler": "ddim", "steps": 1, "guidance": 1.5} and "colour/en" in report["metrics"]
 
 
 def test_evaluate_a_diffusers_sd15_run_with_a_local_clip(assets, eval_data, clip_case, tmp_path):  # noqa: F811
