@@ -6,7 +6,7 @@ With `$LINGUADIFF_FAIL_RANK` set, that rank alone raises NoUsableData (as its da
 would with only bad shards) at step `$LINGUADIFF_FAIL_STEP` (default 1); with
 `$LINGUADIFF_FAIL_HANG` set too, that rank also leaves a thread that keeps its process from
 exiting (a stuck reader): its peers see no closed connection, as NCCL peers see no dead rank.
-With `$LINGUADIFF_SHARD_PROBE` set, every rank writes `rank{R}.json` there after its second
+With `$LINGUADIFF_SHARD_PROBE` set, every rank writes `rank{R}.json` there after its first
 step: the elements of its own weights (per part), gradients and optimizer state (for the
 memory planner's test, tests/test_plan.py).
 """
@@ -52,7 +52,7 @@ class ShardProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         folder = os.environ.get("LINGUADIFF_SHARD_PROBE")
-        if not folder or trainer.global_step != 2:
+        if not folder or trainer.global_step != 1:
             return
         parts: dict[str, dict[str, int]] = {}
         for name, p in pl_module.named_parameters():
