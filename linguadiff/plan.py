@@ -595,7 +595,7 @@ def suggestions(train_args: list[str], options: dict[str, Any], plan: Plan, buil
             out.append(tried)
             break
     if not (fsdp and cfg.fsdp.cpu_offload):
-        out.append(attempt("CPU offload (slow: weights, gradients and optimizer state in CPU memory)",
+        out.append(attempt("CPU offload (slow, not measured: weights, gradients and optimizer state in CPU memory)",
                            {"strategy": "fsdp", "fsdp__cpu_offload": "true"}, options))
     return out
 
@@ -723,6 +723,9 @@ def calibrate() -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
     if "--calibrate" in argv:
         print(json.dumps(calibrate()))
         return 0
