@@ -353,8 +353,14 @@ def plan_config(train_args: Sequence[str]) -> DictConfig:
     OmegaConf.update(cfg, "data.train.urls", "none", merge=False)
     OmegaConf.update(cfg, "data.val.urls", None, merge=False)
     cfg = resolve(cfg)
-    if cfg.trainer.strategy not in ("auto", "ddp", "fsdp"):
-        raise PlanError(f"config key 'trainer.strategy' must be auto, ddp or fsdp, got {cfg.trainer.strategy!r}")
+    from linguadiff.settings_check import settings_problems
+
+    checked = cfg.copy()
+    if int(checked.stage) > 1 and not checked.init_from:
+        checked.init_from = "(a previous stage's run: not needed to plan)"
+    problems = [p for p in settings_problems(checked) if "init_from" not in p]  # train.py's checks, run_dir aside
+    if problems:
+        raise PlanError("; ".join(problems))
     return cfg
 
 

@@ -55,10 +55,14 @@ def test_calibration_constants_are_the_fit_to_the_anchors():
 
 def test_prediction_within_10_percent_of_a_peak_it_was_not_fitted_to():
     """README 'Measured': SD1.5 + Qwen2.5-7B at 512 px, batch 32, cached latents, no EMA:
-    63.0 GiB (max_memory_allocated). The calibration used SDXL rows only."""
+    63.0 GiB (max_memory_allocated). The calibration used SDXL stage-2 rows only."""
     plan = _plan(["stage=2", "model=sd15", "llm=qwen2.5-7b", "data.batch_size=32", "tokens=121",
                   "cached_latents=true", "ema=false"])
     assert abs(plan.allocated_gib - 63.0) / 63.0 < 0.10, plan.allocated_gib
+    # benchmarks/README.md, stage 1 sdxl-7b row 4 (LLM + both CLIPs + adapter step, batch 64,
+    # prompts padded to 121 tokens): 31.1 GiB.
+    plan = _plan(["stage=1", "model=sdxl", "llm=qwen2.5-7b", "data.batch_size=64", "tokens=121"])
+    assert abs(plan.allocated_gib - 31.1) / 31.1 < 0.10, plan.allocated_gib
 
 
 def test_advice_exit_status_and_machine_readable_output(capsys):
@@ -82,9 +86,11 @@ def test_advice_exit_status_and_machine_readable_output(capsys):
     # DDP holds everything on every rank: more than FSDP, and more than one GPU alone (buckets).
     ddp, alone = _plan(SDXL_7B + ["strategy=ddp", "trainer.devices=8"]), _plan(SDXL_7B)
     assert ddp.total_gib > alone.total_gib > _plan(SDXL_7B + ["strategy=fsdp", "trainer.devices=8"]).total_gib
-    # Mistakes are one error line and exit status 2, naming the key.
+    # Mistakes are one error line and exit status 2, naming the key: train.py's own checks.
     assert planner.main(SDXL_7B + ["trainer.devicez=8"]) == 2
     assert "trainer.devices" in capsys.readouterr().err
+    assert planner.main(SDXL_7B + ["data.batch_size=0"]) == 2
+    assert "data.batch_size" in capsys.readouterr().err
     assert planner.main(SDXL_7B + ["gpu_memory=lots"]) == 2
     assert "gpu_memory" in capsys.readouterr().err
 
