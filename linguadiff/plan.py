@@ -452,13 +452,15 @@ def _plan(cfg: DictConfig, o: dict[str, Any], parts: list[Part], unet_config, ll
     if ema:
         rows.append(Row("EMA (fp32)", 4 * trained_elements / GIB * on_gpu, "in the optimizer state, sharded with it"))
     copy_bytes = 2 if mixed else 4
+    # FULL_SHARD (and offload) gathers unit by unit: the frozen ones only in their forward
+    # (counted in the LLM's phase below), the trained ones in forward and backward.
+    gathers_units = fsdp and ((sharding in ("FULL_SHARD", "HYBRID_SHARD") and group > 1) or offload)
     if not fsdp:
         copies = (2 * trained_total / GIB, "autocast's bf16 copies of the trained weights") if mixed else (0.0, "")
-    elif (sharding in ("FULL_SHARD", "HYBRID_SHARD") and group > 1) or offload:
-        biggest = max(u["parameters"] for u in units)
+    elif gathers_units:
         biggest_trained = max((u["parameters"] for u in units if u["trains"]), default=0)
-        copies = ((2 * biggest * copy_bytes + biggest_trained * (copy_bytes + 4)) / GIB,
-                  "two gathered units in flight + one unit's full gradients")
+        copies = (biggest_trained * (3 * copy_bytes + 4) / GIB,
+                  "two gathered trained units in flight + one unit's full gradients")
     else:  # SHARD_GRAD_OP / NO_SHARD: the trained weights stay gathered from forward to backward
         copies = (trained_total * copy_bytes / GIB if (mixed or group > 1) else 0.0,
                   "trained weights gathered in " + ("bf16" if mixed else "fp32"))
@@ -497,8 +499,10 @@ def _plan(cfg: DictConfig, o: dict[str, Any], parts: list[Part], unet_config, ll
     else:
         phases["adapter forward/backward"] = adapter_saved_bytes(cfg.adapter, tokens) * batch * act_scale * CALIBRATION["eager"]
     if not o["cached_llm_states"] or stage == 1:
-        phases["LLM forward"] = llm_forward_bytes(llm_config, batch, tokens, BYTES[str(cfg.llm.dtype)],
-                                                  list(cfg.llm.layers) != [-1])
+        frozen_units = [u["parameters"] for u in units if not u["trains"] and _part_of(u["unit"]) == "text_encoder"]
+        gathered = 2 * max(frozen_units, default=0) * BYTES[str(cfg.llm.dtype)] if gathers_units else 0
+        phases["LLM forward"] = gathered + llm_forward_bytes(llm_config, batch, tokens, BYTES[str(cfg.llm.dtype)],
+                                                             list(cfg.llm.layers) != [-1])
     phase, act = max(phases.items(), key=lambda kv: kv[1])
     rows.append(Row(f"activations ({phase}, {batch} per rank)", act / GIB,
                     "largest of: " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in phases.items())))
@@ -589,7 +593,7 @@ def suggestions(train_args: list[str], options: dict[str, Any], plan: Plan, buil
         if not together["fits"]:
             together = smaller_batch(changes, opts, "all of the above together, data.batch_size={b}") or together
         out.append(together)
-    devices, nodes = int(cfg.trainer.devices), int(cfg.trainer.num_nodes)
+    devices = int(cfg.trainer.devices)
     for more in (2, 4, 8, 16, 32, 64, 128):
         if more <= world:
             continue
