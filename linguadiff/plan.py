@@ -15,11 +15,12 @@ prints, per rank, what the run's memory holds:
   downloaded. Frozen parts in their dtype, trained ones as fp32 master weights;
 - gradients (fp32), AdamW's two fp32 states and the EMA's fp32 copy, for what trains;
 - under ``strategy=fsdp`` all of these are split over the ranks of a shard group, unit by
-  unit as `linguadiff.strategy.fsdp_units` wraps them (the VAE stays whole on every rank);
+  unit as `linguadiff.strategy.fsdp_units` wraps them (the VAE stays whole on every rank;
+  today's FSDP1 flat units: per-parameter sharding, FSDP2, differs only by padding);
   under DDP every rank holds all of it, plus DDP's gradient buckets;
 - bf16 working copies of the trained weights (autocast's cast cache, FSDP's gathered units);
 - activations: the peak of the step's phases (VAE encode, LLM forward, the trained parts'
-  forward + backward; `unet_activation_bytes` says how they are counted and calibrated);
+  forward + backward; `unet_saved_bytes` and CALIBRATION say how they are counted and fitted);
 - a margin for the CUDA context and the allocator.
 
 Exit status: 0 when it fits (or no ``gpu_memory`` was given), 1 when it does not, 2 for a
@@ -77,7 +78,7 @@ GRADIENT_CHECKPOINTING = (58.0 - 38.26) / (100.0 - 38.26)
 # Fitted by calibrate() (see above): measured activation peak / counted saved bytes, and the
 # compiled and FSDP-checkpointed peaks relative to the eager one.
 CALIBRATION = {"eager": 0.963, "compiled": 0.6, "fsdp_checkpointing": 0.105}
-# The step's activations that cannot fit in one GPU in fp32 (32-true): about twice bf16's.
+# Activations under trainer.precision=32-true (fp32 compute): about twice bf16's (not measured).
 FP32_ACTIVATIONS = 2.0
 CONTEXT_GIB = 1.0         # CUDA context, cuBLAS/cuDNN workspaces: not in max_memory_allocated
 ALLOCATOR_SLACK = 0.05    # caching allocator fragmentation (expandable segments), of the allocated peak
