@@ -54,19 +54,23 @@ class ShardProbe(L.Callback):
         folder = os.environ.get("LINGUADIFF_SHARD_PROBE")
         if not folder or trainer.global_step != 1:
             return
+        def local(t):  # FSDP2's weights and states are DTensors: count this rank's shard
+            return t.to_local() if hasattr(t, "to_local") else t
+
         parts: dict[str, dict[str, int]] = {}
         for name, p in pl_module.named_parameters():
+            p = local(p)
             entry = parts.setdefault(name.split(".", 1)[0], {"elements": 0, "bytes": 0, "trained": 0})
             entry["elements"] += p.numel()
             entry["bytes"] += p.numel() * p.element_size()
             entry["trained"] += p.numel() if p.requires_grad else 0
-        grads = sum(p.grad.numel() for p in pl_module.parameters() if p.grad is not None)
+        grads = sum(local(p.grad).numel() for p in pl_module.parameters() if p.grad is not None)
         states: dict[str, int] = {}
         for optimizer in trainer.optimizers:
             for state in optimizer.state.values():
                 for key, value in state.items():
                     if hasattr(value, "numel") and value.dim() > 0:
-                        states[key] = states.get(key, 0) + value.numel()
+                        states[key] = states.get(key, 0) + local(value).numel()
         out = {"rank": trainer.global_rank, "world": trainer.world_size, "parts": parts, "grad_elements": grads,
                "optimizer_state_elements": states}
         (Path(folder) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
