@@ -6,10 +6,14 @@
 #   2b. drawing in the presets' dtypes: tiny SDXL- and SD1.5-shaped stage 2 in bf16-mixed with a bf16 VAE
 #      and the sample callback at every step, then generate.py in bf16/fp16/fp32 (about a minute);
 #   3. (PART=2) the demo trained through strategy=fsdp in bf16 for a few steps (stages 1 and 2),
-#      then SD1.5 at 512 px, batch 32: UNet alone and cached latents, eager and compiled.
+#      then SD1.5 at 512 px, batch 32: UNet alone and cached latents, eager and compiled;
+#   4. (PART=plan) the memory planner's predicted peak vs the measured one for three settings it was
+#      not calibrated on (SDXL + 7B with gradient checkpointing; SDXL + 7B at 768 px batch 4 on the
+#      fly; SD1.5 + 7B batch 32 cached, no EMA), about 5 minutes.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh          # parts 1-2
-#   PART=2 OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 3
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh             # parts 1-2
+#   PART=2 OUT=/tmp/gpu bash benchmarks/gpu_check.sh      # part 3
+#   PART=plan OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 4
 set -u -o pipefail
 failed=0
 OUT=${OUT:-runs/gpu_check}
@@ -23,7 +27,20 @@ bench() {  # name, timeout, args...
     timeout "$limit" python benchmarks/bench_stage2.py "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tee "$OUT/$name.txt" | tail -25 \
         || { echo "!!! $name failed"; failed=1; }
 }
-if [ "${PART:-1}" = 1 ]; then
+plancheck() {  # name, row letter, "bench args", plan args...
+    local name=$1 row=$2 bench_args=$3; shift 3
+    bench "$name" 200 $bench_args --iters 2 --warmup 1 --no-flops
+    python benchmarks/plan_vs_peak.py "$OUT/$name.json" "$row" "$@" 2>&1 | grep -v Warning | tee -a "$OUT/plan_vs_peak.txt" \
+        || { echo "!!! plan $name failed"; failed=1; }
+}
+if [ "${PART:-1}" = plan ]; then
+    plancheck plan_sdxl_gc f "--preset sdxl-7b --cached-latents --gradient-checkpointing --only f" \
+        stage=2 model=sdxl llm=qwen2.5-7b data.batch_size=8 diffusion.gradient_checkpointing=true cached_latents=true
+    plancheck plan_sdxl_768 e "--preset sdxl-7b --batch-size 4 --resolution 768 --only e" \
+        stage=2 model=sdxl llm=qwen2.5-7b data.batch_size=4 model.resolution=768
+    plancheck plan_sd15 f "--preset sd15-7b --cached-latents --no-ema --only f" \
+        stage=2 model=sd15 llm=qwen2.5-7b data.batch_size=32 cached_latents=true ema=false
+elif [ "${PART:-1}" = 1 ]; then
     bench sdxl 390 --preset sdxl-7b --compile --iters 4 --warmup 2 --no-flops --only "a,e,f,a',f'"
     bench sdxl_fsdp 150 --preset sdxl-7b --cached-latents --fsdp --iters 4 --warmup 2 --no-flops --only a,g
     echo "=== sample_dtypes: python benchmarks/check_sample_dtypes.py"

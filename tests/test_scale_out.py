@@ -21,6 +21,7 @@ from lightning_modules.ema import STATE_KEY
 from linguadiff.config import ConfigError, load_config, resolve
 from linguadiff.run import SHARDS_DIR, checkpoint_step
 from linguadiff.strategy import ShardedFSDPStrategy, build_strategy, check_units, fsdp_units, mixed_precision
+from tests.test_plan import assert_plan_matches_shards
 from tests.test_stage1_training import scalars
 from tests.test_stage23_training import stage_args
 from tests.shard_helpers import write_demo_world
@@ -55,9 +56,12 @@ def _env(probe: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], probe: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """train.py (with the key probe) in a fresh process, as a user launches it."""
-    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=_env(probe),
+def _run(args: list[str], probe: Path | None = None, timeout: float = 300, shard_probe: Path | None = None
+         ) -> subprocess.CompletedProcess:
+    """train.py (with the key probe; `shard_probe`: where each rank writes what it holds) in a
+    fresh process, as a user launches it."""
+    extra = {"LINGUADIFF_SHARD_PROBE": str(shard_probe)} if shard_probe else {}
+    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=_env(probe, **extra),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -207,7 +211,11 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     common = {"init_from": stage1_run, "strategy": "fsdp", "trainer.accelerator": "cpu", "trainer.devices": 2,
               "trainer.precision": "bf16-mixed", "checkpoint.every_n_steps": 2, "trainer.val_check_interval": 2,
               "samples.every_n_steps": 4}
-    _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 2}))
+    first = stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 2})
+    (tmp_path / "shards").mkdir()
+    _run(first, shard_probe=tmp_path / "shards")
+    # The memory planner, given the same arguments, predicts what each rank held (tests/test_plan.py).
+    assert_plan_matches_shards(first, tmp_path / "shards")
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     from torch.distributed.checkpoint import FileSystemReader
