@@ -60,3 +60,17 @@ def bucket_problems(buckets: object, multiple: int) -> list[str]:
     if len(set(pairs)) != len(pairs):
         problems.append("lists a size twice")
     return problems
+
+
+def configured_buckets(data: object, resolution: int, multiple: int) -> list[Bucket] | None:
+    """The bucket set `data.*` asks for (None: `data.crop=square`): `data.buckets` when listed,
+    else generated around `resolution` squared with sides multiples of `data.bucket_step`
+    (null: `multiple`, the base's own size step) up to `data.bucket_max_ratio`. Assumes the
+    settings passed `settings_check` (which reports what is wrong here by key)."""
+    if getattr(data, "crop", "square") != "buckets":
+        return None
+    listed = getattr(data, "buckets", None)
+    if listed:
+        return [(int(h), int(w)) for h, w in listed]
+    step = getattr(data, "bucket_step", None) or multiple
+    return generate_buckets(resolution * resolution, int(step), float(getattr(data, "bucket_max_ratio", 2.0)))
