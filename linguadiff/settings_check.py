@@ -227,9 +227,16 @@ def _check_buckets(cfg: DictConfig, c: _Checker, p: Problems) -> None:
     """data.crop and the bucket set: every size a multiple of the base's step (the VAE factor
     x 2 per UNet downsampling), as model.resolution must be."""
     c.choice("data.crop", CROPS)
-    if OmegaConf.select(cfg, "data.crop") != "buckets" or cfg.model.kind not in MODEL_KINDS:
+    if cfg.model.kind not in MODEL_KINDS:
         return
     multiple, why = resolution_multiple(cfg.model)
+    sizes = OmegaConf.select(cfg, "samples.sizes")
+    if sizes:
+        sizes = OmegaConf.to_container(sizes) if OmegaConf.is_config(sizes) else sizes
+        for problem in bucket_problems(sizes, multiple):
+            p.append(f"config key 'samples.sizes' {problem} ({cfg.model.kind} base: {why})")
+    if OmegaConf.select(cfg, "data.crop") != "buckets":
+        return
     listed = OmegaConf.select(cfg, "data.buckets")
     if listed is not None:
         listed = OmegaConf.to_container(listed) if OmegaConf.is_config(listed) else listed
