@@ -74,3 +74,21 @@ def configured_buckets(data: object, resolution: int, multiple: int) -> list[Buc
         return [(int(h), int(w)) for h, w in listed]
     step = getattr(data, "bucket_step", None) or multiple
     return generate_buckets(resolution * resolution, int(step), float(getattr(data, "bucket_max_ratio", 2.0)))
+
+
+def allow_compiled_sizes(count: int) -> int:
+    """Lets a `torch.compile`d part take `count` input sizes without falling back to eager.
+
+    Dynamo compiles a frame again for each new input shape until `recompile_limit` (8 by
+    default) compiled versions exist, then runs that frame eagerly for good, with only a log
+    line. With `automatic_dynamic_shapes` (on by default) the second size already gives a
+    graph with dynamic height and width, so a bucketed run compiles about twice, not once per
+    bucket; guards on sizes can still split it, so the limit is raised to cover every bucket
+    (twice, plus the validation and sampling sizes). Returns the limit set.
+    """
+    import torch._dynamo.config as dynamo
+
+    limit = max(int(dynamo.recompile_limit), 2 * count + 2)
+    dynamo.recompile_limit = limit
+    dynamo.accumulated_recompile_limit = max(int(dynamo.accumulated_recompile_limit), 4 * limit)
+    return limit

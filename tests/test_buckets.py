@@ -188,3 +188,29 @@ def test_presets_choose_their_buckets():
     assert set(build_datamodule(_cfg("model=sd15")).buckets) == {(512, 512), (448, 576), (576, 448), (384, 640),
                                                                  (640, 384)}
     assert build_datamodule(_cfg("model=sdxl", "data.crop=square")).buckets is None
+
+
+def test_compiled_parts_keep_compiling_for_every_bucket():
+    """Past dynamo's recompile limit (8) a frame runs eagerly for good; the limit set from the
+    bucket count keeps every bucket's size compiled (sizes forced static here, the worst case)."""
+    import torch
+    import torch._dynamo
+
+    from linguadiff.buckets import allow_compiled_sizes
+
+    compiled_shapes = []
+
+    def counting_backend(graph, example_inputs):
+        compiled_shapes.append(tuple(example_inputs[0].shape))
+        return graph
+
+    sizes = generate_buckets(1024 * 1024, 64, 4.0)[:12]
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=8,
+                                    accumulated_recompile_limit=256):
+        torch._dynamo.reset()
+        assert allow_compiled_sizes(len(sizes)) >= len(sizes)
+        step = torch.compile(lambda x: (x * 2).sum(), backend=counting_backend)
+        for h, w in sizes:
+            step(torch.ones(1, h // 64, w // 64))
+    torch._dynamo.reset()
+    assert len(compiled_shapes) == len(sizes)  # not stuck at 8 with the rest eager
