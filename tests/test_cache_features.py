@@ -75,8 +75,8 @@ def test_cached_bucketed_shards_give_the_same_batches(world, stage1_run, tmp_pat
     write_demo_shards(tmp_path / "mixed", num_samples=12, samples_per_shard=12, seed=5, image_size=32, prefix="val",
                       with_images=True, shapes=mixed_shapes(32))
     out = tmp_path / "cached"
-    args = [*stage_args(world, tmp_path / "run", 2, init_from=stage1_run), f"data.val.urls={tmp_path}/mixed/val-00000.tar",
-            "data.val_batch_size=4", "data.crop=buckets"]
+    args = [*stage_args(world, tmp_path / "run", 2, init_from=stage1_run),
+            f"data.val.urls={tmp_path}/mixed/val-00000.tar", "data.val_batch_size=4", "data.crop=buckets"]
     assert cache_features.main([*args, f"cache.out={out}", "cache.splits=[val]"]) == 0
     original_cfg = resolve(load_config(args))
     cached_cfg = resolve(load_config([*args, f"data.val.urls={out}/val/val-00000.tar"]))
