@@ -30,6 +30,8 @@ OPTIONS = {
     "guidance": None,
     "scheduler": None,  # dpm++ | ddim | euler | ddpm
     "batch_size": 16,
+    "height": None,  # pixels (null: the base's own square size); a multiple of the base's size step
+    "width": None,
     "device": "auto",
     "dtype": "auto",  # auto: bfloat16 on GPUs, float32 on CPUs
     "base": None,  # override the base model path recorded in the export
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RemoteCodeRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        generator.check_size(args["height"], args["width"])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     results = generator(
         prompts,
         negative_prompt=args["negative_prompt"],
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         guidance=args["guidance"],
         scheduler=args["scheduler"],
         batch_size=args["batch_size"],
+        height=args["height"],
+        width=args["width"],
     )
     out = Path(args["out_dir"])
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 
 from datamodules import build_datamodule, shard_problems  # noqa: E402  # importing datamodules registers ${demo_shards:...}: before resolve
+from linguadiff.buckets import allow_compiled_sizes  # noqa: E402
 from linguadiff.config import ConfigError, load_config, resolve  # noqa: E402
 from linguadiff.settings_check import check_settings  # noqa: E402
 
@@ -134,6 +135,10 @@ def _train(cfg, run, extra_callbacks: tuple) -> int:
         L.seed_everything(cfg.seed, workers=True)
         module = stage_class(cfg.stage).from_config(cfg)
         datamodule = build_datamodule(cfg, module.tokenizers())
+        buckets = getattr(datamodule, "buckets", None)
+        if cfg.speed.compile and buckets:
+            say.info("speed.compile with %d buckets: torch.compile may keep %d versions of each compiled frame",
+                     len(buckets), allow_compiled_sizes(len(buckets)))
     except ConfigError as err:  # a setting that cannot work: say which, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data workers tok
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -281,6 +282,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per row)")
     p.add_argument("--loader", action="store_true", help="demo: also time the image-text loader alone")
     p.add_argument("--loader-only", action="store_true", help="demo: time the loader only (implies --loader)")
+    p.add_argument("--crop", nargs="+", default=["square"], choices=["square", "buckets"],
+                   help="loader rows: square crops and/or aspect-ratio buckets (data.crop)")
+    p.add_argument("--bucket-step", type=int, default=64,
+                   help="loader rows with --crop buckets: bucket sides are multiples of this (SD/SDXL: 64)")
     p.add_argument("--num-workers", type=int, nargs="+", default=[1], help="loader rows: DataLoader workers to try")
     p.add_argument("--loader-batches", type=int, default=20, help="loader rows: timed batches per setting")
     p.add_argument("--loader-urls", default=None, help="loader rows: your own image-text shards instead of the demo's")
@@ -655,13 +660,16 @@ def loader_rows(cfg, args, save) -> list[Row]:
 
     rows = []
     tokenizer = PromptTokenizer(cfg.llm.path, cfg.llm.max_length, cfg.llm.bos)
-    for workers in args.num_workers:
+    for crop, workers in itertools.product(args.crop, args.num_workers):
         c = copy.deepcopy(cfg)
         with open_dict(c):
             c.data.num_workers = workers
+            c.data.crop = crop
+            c.data.bucket_step = args.bucket_step
             if args.loader_urls:
                 c.data.train = {"urls": args.loader_urls, "sources": []}
         name = f"loader, {workers} worker{'s' if workers != 1 else ''}" + (" (main process)" if workers == 0 else "")
+        name += ", buckets" if crop == "buckets" else ""
         print(f"  row {name} ...", flush=True)
         loader = build_datamodule(c, {"student": tokenizer}).train_dataloader()
         batches = iter(loader)

@@ -36,6 +36,7 @@ def build_callbacks(cfg: DictConfig, run_root: Path, export_dir: Path) -> list[L
             base_kind=str(cfg.model.kind), prompts=tuple(s.prompts), every_n_steps=int(s.every_n_steps),
             negative_prompt=str(s.negative_prompt), num_images=int(s.num_images), seed=int(s.seed),
             scheduler=str(g.scheduler), steps=int(g.steps), guidance=float(g.guidance), batch_size=int(cfg.data.batch_size),
+            sizes=tuple((int(h), int(w)) for h, w in (s.sizes or ())),
         )
         callbacks.append(SampleImages(settings, run_root / "samples"))
     return [*callbacks, StopAllRanksOnError()]  # last: its on_exception ends the process

@@ -45,6 +45,8 @@ class SampleSettings:
     steps: int = 50
     guidance: float = 7.5
     batch_size: int = 16  # what fits for training fits for sampling: data.batch_size
+    # (h, w) pixel sizes, a grid each (aspect-ratio buckets); empty: the base's own square.
+    sizes: tuple[tuple[int, int], ...] = ()
 
 
 class SampleImages(L.Callback):
@@ -96,27 +98,37 @@ class SampleImages(L.Callback):
                 )
                 generator.pipeline.set_progress_bar_config(disable=True)
                 prompts = list(s.prompts)
-                drawn = generator(prompts, negative_prompt=s.negative_prompt, num_images=s.num_images, seed=s.seed,
-                                  batch_size=s.batch_size)
+                # The first size's grid keeps the plain names; each other size adds "_HxW".
+                drawn_by_size = [
+                    ("" if n == 0 else f"_{h}x{w}",
+                     generator(prompts, negative_prompt=s.negative_prompt, num_images=s.num_images, seed=s.seed,
+                               batch_size=s.batch_size, height=h, width=w))
+                    for n, (h, w) in enumerate(s.sizes or ((None, None),))
+                ]
         finally:
             pl_module.train(module_mode)
         if not trainer.is_global_zero:
             return None
         step = trainer.global_step
-        rows = [[im for i, _, im in drawn if i == p] for p in range(len(prompts))]
-        grid = image_grid(rows, row_labels=[str(p) for p in range(len(prompts))])
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"step{step:08d}.png"
-        grid.save(path)
         legend = self.legend(step)
-        path.with_suffix(".json").write_text(json.dumps(legend, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("samples/grid", np.asarray(grid), step, dataformats="HWC")
-            for p, row in enumerate(rows):
-                experiment.add_image(f"samples/prompt_{p:02d}", np.asarray(image_grid([row])), step, dataformats="HWC")
-            if hasattr(experiment, "add_text"):
-                experiment.add_text("samples/prompts", prompts_table(legend), step)
+        first = None
+        for suffix, drawn in drawn_by_size:
+            rows = [[im for i, _, im in drawn if i == p] for p in range(len(prompts))]
+            grid = image_grid(rows, row_labels=[str(p) for p in range(len(prompts))])
+            path = self.out_dir / f"step{step:08d}{suffix}.png"
+            grid.save(path)
+            first = first or path
+            if experiment is not None and hasattr(experiment, "add_image"):
+                experiment.add_image(f"samples/grid{suffix}", np.asarray(grid), step, dataformats="HWC")
+                for p, row in enumerate(rows):
+                    experiment.add_image(f"samples/prompt_{p:02d}{suffix}", np.asarray(image_grid([row])), step,
+                                         dataformats="HWC")
+        path = first
+        path.with_suffix(".json").write_text(json.dumps(legend, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        if experiment is not None and hasattr(experiment, "add_text"):
+            experiment.add_text("samples/prompts", prompts_table(legend), step)
         log.info("Sample grid (EMA weights, %d prompts x %d) at step %d: %s", len(prompts), s.num_images, step, path)
         return path
 
@@ -129,6 +141,7 @@ class SampleImages(L.Callback):
             "step": step, "weights": "ema", "negative_prompt": s.negative_prompt,
             "scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance,
             "rows": [{"row": p, "prompt": prompt, "seeds": seeds} for p, prompt in enumerate(s.prompts)],
+            **({"sizes": [list(size) for size in s.sizes]} if s.sizes else {}),
         }
 
 

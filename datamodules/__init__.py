@@ -16,15 +16,16 @@ from omegaconf import DictConfig
 from linguadiff.config import ConfigError, register_resolver
 
 
-def _demo_shards(stage: int, split: str) -> str:
+def _demo_shards(stage: int, split: str, images: str = "square") -> str:
     """Shard URLs of the demo data set for a stage: parallel text for stage 1, image-text
-    shards for stages 2-3 (generated on first use)."""
+    shards for stages 2-3 (square or mixed-aspect images; generated on first use)."""
     from datamodules.demo_data import demo_shard_urls
 
-    return demo_shard_urls(int(stage), split)
+    return demo_shard_urls(int(stage), split, images)
 
 
-# ${demo_shards:${stage},train} -> the demo's shards for that stage (configs/data/demo.yaml).
+# ${demo_shards:${stage},train} -> the demo's shards for that stage (configs/data/demo.yaml);
+# ${demo_shards:${stage},train,mixed}: its mixed-aspect images (configs/data/demo_buckets.yaml).
 # Registered here, on import, because config must not import data code: an entry point that
 # resolves a config imports datamodules first (linguadiff.config.resolve says so otherwise).
 register_resolver("demo_shards", _demo_shards)
@@ -90,6 +91,8 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
     else:
         from datamodules.cached import llm_signature
         from datamodules.image_shards import ImageTextDataModule
+        from linguadiff.buckets import configured_buckets
+        from linguadiff.settings_check import resolution_multiple
 
         datamodule = ImageTextDataModule(
             resolution=cfg.model.resolution,
@@ -99,6 +102,7 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
             min_size=d.min_size,
             min_aesthetic=d.min_aesthetic,
             llm_signature=llm_signature(cfg.llm),
+            buckets=configured_buckets(d, cfg.model.resolution, resolution_multiple(cfg.model)[0]),
             **common,
         )
     datamodule.even_val_batches = cfg.trainer.strategy == "fsdp"

@@ -154,7 +154,14 @@ class ShardDataModule(L.LightningDataModule):
         shuffle block and how the data is split (ranks x workers)."""
         identity = [[(list(source.urls), source.weight) for source in sources], self.shuffle_buffer,
                     world_size, max(1, self.num_workers)]
+        extra = self._fingerprint_extra()
+        if extra is not None:
+            identity.append(extra)
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+    def _fingerprint_extra(self) -> Any:
+        """More that a subclass's saved positions are only valid for (plain types; None: nothing)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's training-stream position (gathered: rank 0 writes the checkpoint), in

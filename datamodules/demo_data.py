@@ -95,17 +95,25 @@ def sample_scene(rng: random.Random) -> Scene:
 # ----------------------------------------------------------------------------- rendering
 
 
-def render(scene: Scene, size: int, rng: random.Random, supersample: int = 4) -> Image.Image:
-    """Draw the scene at `size` px (anti-aliased by supersampling)."""
-    s = size * supersample
+def render(scene: Scene, size: int, rng: random.Random, supersample: int = 4,
+           shape: tuple[int, int] | None = None) -> Image.Image:
+    """Draw the scene at `size` px (anti-aliased by supersampling). `shape` (h, w), sides even
+    and at least `size`: a wider or taller picture, the scene in its middle `size` square
+    and the background around it (the mixed-aspect demo set that exercises buckets)."""
+    height, width = shape or (size, size)
+    s, sh, sw = size * supersample, height * supersample, width * supersample
     np_rng = np.random.default_rng(rng.getrandbits(32))
     level = BACKGROUND_LEVEL[scene.background] + rng.randint(-10, 10)
-    canvas = np.full((s, s, 3), level, dtype=np.float32)
+    canvas = np.full((sh, sw, 3), level, dtype=np.float32)
     if scene.background == "noisy":
         # Grey clutter: blobs of random grey, still unsaturated.
-        blobs = np_rng.uniform(40, 215, size=(size // 2, size // 2, 1)).astype(np.float32)
+        blobs = np_rng.uniform(40, 215, size=(height // 2, width // 2, 1)).astype(np.float32)
         canvas = np.kron(blobs, np.ones((2 * supersample, 2 * supersample, 1), np.float32)).repeat(3, axis=2)
-    yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
+    if shape is None:
+        yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
+    else:  # in units of the middle square's side, 0..1 inside it
+        rows, cols = np.mgrid[0:sh, 0:sw] + 0.5
+        yy, xx = (rows - (sh - s) / 2) / s, (cols - (sw - s) / 2) / s
     dx, dy, r = xx - scene.cx, yy - scene.cy, scene.radius
     if scene.shape == "circle":
         mask = dx**2 + dy**2 <= r**2
@@ -119,7 +127,14 @@ def render(scene: Scene, size: int, rng: random.Random, supersample: int = 4) ->
     colour = np.array(RGB[scene.colour], np.float32) + np_rng.uniform(-12, 12, size=3)
     canvas[mask] = colour
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    return image.resize((size, size), Image.BOX)
+    return image.resize((width, height), Image.BOX)
+
+
+def mixed_shapes(size: int) -> list[tuple[int, int]]:
+    """(h, w) of the mixed-aspect demo images: the square and 5:4, 3:2 and 2:1 both ways, the
+    shorter side `size` (sides even: the noisy background is drawn in 2 x 2 blocks)."""
+    longs = sorted({size, *(2 * round(size * ratio / 2) for ratio in (1.25, 1.5, 2.0))})
+    return [(size, size)] + [pair for long in longs[1:] for pair in ((size, long), (long, size))]
 
 
 # ----------------------------------------------------------------------------- captions
@@ -256,12 +271,14 @@ def write_demo_shards(
     prefix: str,
     with_images: bool,
     parallel_in_json: bool = False,
+    shapes: list[tuple[int, int]] | None = None,
 ) -> list[Path]:
     """Write parallel text shards and, with images, the img2dataset layout for the later stages.
 
     Text: ``KEY.txt`` (English) with the other languages in ``KEY.<lang>.txt`` or, with
     `parallel_in_json` (one tar member instead of five: shards 3x smaller), in ``KEY.json``.
-    Images: ``KEY.png`` + ``KEY.txt`` + ``KEY.json`` (captions per language, aesthetic score).
+    Images: ``KEY.png`` + ``KEY.txt`` + ``KEY.json`` (captions per language, aesthetic score),
+    `image_size` square, or each of a size drawn from `shapes` ((h, w), see `render`).
     """
     import webdataset as wds
 
@@ -280,13 +297,15 @@ def write_demo_shards(
                 captions = parallel_captions(scene, rng)
                 sample = {"__key__": f"{i:08d}", "txt": captions["en"]}
                 if with_images:
-                    sample["png"] = _png_bytes(render(scene, image_size, rng))
+                    shape = rng.choice(shapes) if shapes else None
+                    height, width = shape or (image_size, image_size)
+                    sample["png"] = _png_bytes(render(scene, image_size, rng, shape=shape))
                     sample["json"] = json.dumps(
                         {
                             "caption": captions["en"],
                             "captions": captions,
-                            "width": image_size,
-                            "height": image_size,
+                            "width": width,
+                            "height": height,
                             "aesthetic_score": scene.aesthetic_score(),
                             "colour": scene.colour,
                             "shape": scene.shape,
@@ -368,6 +387,11 @@ def default_cache_dir() -> Path:
     return Path(root) if root else Path(__file__).resolve().parents[1] / ".cache"
 
 
+# text: stage 1; images: 16 px squares; images-mixed: the same scenes on pictures of mixed
+# aspect ratios (`mixed_shapes`), for aspect-ratio buckets (configs/data/demo_buckets.yaml).
+DEMO_KINDS = ("text", "images", "images-mixed")
+
+
 def ensure_demo_data(kind: str, root: str | Path | None = None, image_size: int = 16) -> Path:
     """Generate one part of the demo data set on first use; return its folder.
 
@@ -377,8 +401,8 @@ def ensure_demo_data(kind: str, root: str | Path | None = None, image_size: int 
     processes ask at once (the ranks of a job, other jobs sharing the cache): one generates
     under a lock, the others wait and reuse its shards.
     """
-    if kind not in ("text", "images"):
-        raise ValueError(f"demo data kind must be 'text' or 'images', got {kind!r}")
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"demo data kind must be one of {', '.join(DEMO_KINDS)}, got {kind!r}")
     folder = (Path(root) if root else default_cache_dir() / "demo_data") / kind
     marker = folder / f"COMPLETE-v{DATA_VERSION}-{image_size}px"
     if marker.exists():
@@ -406,18 +430,22 @@ def _generate_demo_data(kind: str, folder: Path, image_size: int) -> None:
         write_demo_shards(folder, num_samples=600, samples_per_shard=300, seed=2, image_size=image_size,
                           prefix="val", with_images=False)
     else:
+        shapes = mixed_shapes(image_size) if kind == "images-mixed" else None
         write_demo_shards(folder, num_samples=8000, samples_per_shard=1000, seed=3, image_size=image_size,
-                          prefix="train", with_images=True)
+                          prefix="train", with_images=True, shapes=shapes)
         write_demo_shards(folder, num_samples=400, samples_per_shard=200, seed=4, image_size=image_size,
-                          prefix="val", with_images=True)
+                          prefix="val", with_images=True, shapes=shapes)
 
 
-def demo_shard_urls(stage: int, split: str) -> str:
-    """Brace-expanded URLs of the demo shards a stage reads (generating them on first use)."""
+def demo_shard_urls(stage: int, split: str, images: str = "square") -> str:
+    """Brace-expanded URLs of the demo shards a stage reads (generating them on first use);
+    `images`: square | mixed (aspect ratios, for buckets)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if images not in ("square", "mixed"):
+        raise ValueError(f"demo images must be 'square' or 'mixed', got {images!r}")
     if stage == 1:
         folder = ensure_demo_data("text")
         return str(folder / ("train-{00000..00011}.tar" if split == "train" else "val-00000.tar"))
-    folder = ensure_demo_data("images")
+    folder = ensure_demo_data("images" if images == "square" else "images-mixed")
     return str(folder / ("train-{00000..00007}.tar" if split == "train" else "val-{00000..00001}.tar"))

@@ -53,7 +53,7 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +89,9 @@ from datamodules.streams import (
     UsableGuard,
     batches_with_skips,
     iter_consumer_samples,
+    read_back,
 )
+from linguadiff.buckets import nearest_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -243,45 +245,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class SquareCrop:
-    """A decoded square crop and where it came from (SDXL's micro-conditioning)."""
+class Crop:
+    """A decoded crop and where it came from (SDXL's micro-conditioning)."""
 
-    pixels: torch.Tensor  # [3, R, R] float in [-1, 1]
+    pixels: torch.Tensor  # [3, h, w] float in [-1, 1]
     original_size: tuple[int, int]  # (h, w) of the decoded image
-    crop_top_left: tuple[int, int]  # (top, left) in the image resized to shorter side R
+    crop_top_left: tuple[int, int]  # (top, left) in the image resized to cover the crop
 
 
-def square_crop(
-    image: Image.Image, resolution: int, rng: random.Random | None, flip: bool = False
-) -> SquareCrop:
-    """Shorter side to `resolution`, then a square crop: random offset with `rng`, else centred.
+def cover_crop(
+    image: Image.Image, size: tuple[int, int], rng: random.Random | None, flip: bool = False
+) -> Crop:
+    """Resized to cover `size` (h, w) keeping its aspect ratio, then cropped to it: random
+    offset with `rng`, else centred. A square `size` is `square_crop`.
 
-    Only the cropped region is resampled (PIL's `box`): a long panorama costs what a square
+    Only the cropped region is resampled (PIL's `box`): a long panorama costs what its crop
     does and never materialises at its full resized width. Lanczos antialiases when
     shrinking. A flip mirrors the crop, and its offset is given in the mirrored image.
     """
+    target_h, target_w = size
     width, height = image.size
-    scale = resolution / min(width, height)
-    resized_w = max(resolution, round(width * scale))
-    resized_h = max(resolution, round(height * scale))
+    scale = max(target_h / height, target_w / width)
+    resized_w = max(target_w, round(width * scale))
+    resized_h = max(target_h, round(height * scale))
     if rng is None:
-        top, left = (resized_h - resolution) // 2, (resized_w - resolution) // 2
+        top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
     else:
-        top, left = rng.randint(0, resized_h - resolution), rng.randint(0, resized_w - resolution)
+        top, left = rng.randint(0, resized_h - target_h), rng.randint(0, resized_w - target_w)
     with _pil_errors():
         # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale while that keeps enough pixels.
         image.draft(None, (resized_w, resized_h))
         rgb = to_rgb(image)
         # Resized-image coordinates -> coordinates in the decoded (maybe drafted) pixels.
         sx, sy = rgb.width / resized_w, rgb.height / resized_h
-        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
-        crop = rgb.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+        box = (left * sx, top * sy, (left + target_w) * sx, (top + target_h) * sy)
+        crop = rgb.resize((target_w, target_h), Image.Resampling.LANCZOS, box=box)
         if flip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if flip:
-        left = resized_w - resolution - left
+        left = resized_w - target_w - left
     pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous().float() / 127.5 - 1.0
-    return SquareCrop(pixels, (height, width), (top, left))
+    return Crop(pixels, (height, width), (top, left))
+
+
+def square_crop(image: Image.Image, resolution: int, rng: random.Random | None, flip: bool = False) -> Crop:
+    """Shorter side to `resolution`, then a square crop (`cover_crop`)."""
+    return cover_crop(image, (resolution, resolution), rng, flip)
 
 
 def _int_pair(cache: Mapping[str, Any], name: str) -> tuple[int, int]:
@@ -374,6 +383,49 @@ class ImageTextDecoder:
     # The run's LLM settings (datamodules.cached.llm_signature): cached LLM features made
     # with exactly these are used; None or others: the LLM runs on the caption.
     llm_signature: Mapping[str, Any] | None = None
+    # Aspect-ratio buckets, (h, w) each (linguadiff.buckets); None: square crops of `resolution`.
+    buckets: tuple[tuple[int, int], ...] | None = None
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) an image of this size is cropped to: its nearest bucket, or the square."""
+        if self.buckets is None:
+            return self.resolution, self.resolution
+        return nearest_bucket(self.buckets, height, width)
+
+    def bucket_of(self, raw: Mapping[str, Any]) -> tuple[int, int]:
+        """The target size of a raw sample without decoding its pixels or drawing anything
+        random: the json filters and caption checks (as `__call__` makes them, so a sample
+        rejected here is counted under the same reason), then the cached crop's size or the
+        image header's. Raises BadSample."""
+        meta = read_json(raw["json"]) if "json" in raw else {}
+        self._check_aesthetic(aesthetic_score(meta))
+        size = recorded_size(meta)
+        if size is not None:
+            self._check_size(size)
+        caption_candidates(raw, meta)
+        if MOMENTS in raw or PIXELS in raw:
+            return self._cached_target(meta)
+        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if extension is None:
+            raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
+        image = open_image(raw[extension], self.max_pixels)
+        if size is None:
+            self._check_size((image.height, image.width))
+        return self.target_size(image.height, image.width)
+
+    def _cached_target(self, meta: Mapping[str, Any]) -> tuple[int, int]:
+        """The size a cached crop was made at, if this run trains at it (else `cache_mismatch`).
+        Caches written before buckets existed hold squares of `resolution`."""
+        cache = meta.get(META_KEY)
+        if not isinstance(cache, Mapping) or cache.get("resolution") != self.resolution:
+            got = cache.get("resolution") if isinstance(cache, Mapping) else None
+            raise BadSample("cache_mismatch", f"cached at resolution {got}, this run trains at {self.resolution}")
+        target = _int_pair(cache, "target_size") if "target_size" in cache else (self.resolution, self.resolution)
+        allowed = self.buckets if self.buckets is not None else ((self.resolution, self.resolution),)
+        if target not in allowed:
+            raise BadSample("cache_mismatch", f"cached at {target[0]}x{target[1]}, not one of this run's "
+                            f"{'buckets' if self.buckets is not None else 'square crops'}")
+        return target
 
     def __call__(self, raw: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
         meta = read_json(raw["json"]) if "json" in raw else {}
@@ -404,25 +456,23 @@ class ImageTextDecoder:
 
     def _cached_example(self, raw: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         """The crop as `scripts/cache_features.py` stored it: VAE moments or uint8 pixels."""
-        cache = meta.get(META_KEY)
-        if not isinstance(cache, Mapping) or cache.get("resolution") != self.resolution:
-            got = cache.get("resolution") if isinstance(cache, Mapping) else None
-            raise BadSample("cache_mismatch", f"cached at resolution {got}, this run trains at {self.resolution}")
+        target = self._cached_target(meta)
+        cache = meta[META_KEY]
         try:
             if MOMENTS in raw:
                 array = from_npy(raw[MOMENTS], MOMENTS_DTYPES, ndim=3)
             else:
                 array = from_npy(raw[PIXELS], PIXELS_DTYPES, ndim=3)
-                if array.shape != (3, self.resolution, self.resolution):
-                    raise ValueError(f"pixels of shape {array.shape}, expected (3, {self.resolution}, {self.resolution})")
+                if array.shape != (3, *target):
+                    raise ValueError(f"pixels of shape {array.shape}, expected (3, {target[0]}, {target[1]})")
         except Exception as error:  # noqa: BLE001 - ValueError, OSError, EOFError, ... from hostile headers
             raise BadSample("bad_cache", f"{type(error).__name__}: {str(error)[:200]}") from None
         example: dict[str, Any] = {"key": raw["__key__"], "original_size": _int_pair(cache, "original_size"),
                                    "crop_top_left": _int_pair(cache, "crop_top_left"),
-                                   "target_size": (self.resolution, self.resolution)}
+                                   "target_size": target}
         if MOMENTS in raw:
             example["moments"] = torch.from_numpy(array)
-        else:  # exactly what square_crop gives for the same crop
+        else:  # exactly what cover_crop gives for the same crop
             example["image"] = torch.from_numpy(array).float() / 127.5 - 1.0
         return example
 
@@ -434,13 +484,14 @@ class ImageTextDecoder:
         if size is None:
             self._check_size((image.height, image.width))
         flip = self.train and self.random_flip and rng.random() < 0.5
-        crop = square_crop(image, self.resolution, rng if self.train and self.random_crop else None, flip)
+        target = self.target_size(image.height, image.width)
+        crop = cover_crop(image, target, rng if self.train and self.random_crop else None, flip)
         return {
             "image": crop.pixels,
             "key": raw["__key__"],
             "original_size": crop.original_size,
             "crop_top_left": crop.crop_top_left,
-            "target_size": (self.resolution, self.resolution),
+            "target_size": target,
         }
 
     def _check_aesthetic(self, score: float) -> None:
@@ -471,6 +522,61 @@ class ImageTextDecoder:
         return caption, lang
 
 
+# Where a bucketed training stream read a raw sample: (source, pass, shard, sample).
+PLACE = "__place__"
+
+
+class BucketBuffers:
+    """Raw samples waiting, per bucket (h, w), for a batch of one size to fill up.
+
+    What waits is saved with every batch as the places its samples were read from
+    (`state()`, a few ints each, at most buckets x (batch size - 1) of them): a resumed stream
+    reads those samples again and finds the buffers as they were. Nothing is dropped or
+    flushed at a shuffle block's end, so every sample lands in exactly one full batch, only
+    sometimes later than its block; a rare bucket's samples can wait long, which costs only
+    their encoded bytes.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.waiting: dict[tuple[int, int], list[dict[str, Any]]] = {}
+
+    def add(self, bucket: tuple[int, int], raw: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Queues `raw`; its bucket's samples when that makes a full batch (emptying it)."""
+        waiting = self.waiting.setdefault(bucket, [])
+        waiting.append(raw)
+        if len(waiting) < self.batch_size:
+            return None
+        del self.waiting[bucket]
+        return waiting
+
+    def restore(self, bucket: tuple[int, int], raw: dict[str, Any]) -> None:
+        self.waiting.setdefault(bucket, []).append(raw)
+
+    def drain(self) -> Iterator[list[dict[str, Any]]]:
+        """What is left, bucket by bucket in the order they were first filled."""
+        while self.waiting:
+            yield self.waiting.pop(next(iter(self.waiting)))
+
+    def state(self) -> list[list[Any]]:
+        """[[h, w, [[source, pass, shard, sample], ...]], ...] in plain ints."""
+        return [[h, w, [list(raw[PLACE]) for raw in waiting]] for (h, w), waiting in self.waiting.items()]
+
+
+def groups_with_skips(
+    groups: Iterator[list[Any]], skips: SkipCounter, collate: Callable[[list[Any], SkipCounter], dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """`batches_with_skips` for items already grouped: each batch held back until the next
+    is ready, so skips met after the last items still ride on the last batch."""
+    pending = None
+    for group in groups:
+        if pending is not None:
+            yield collate(pending, skips)
+        pending = group
+    if pending is not None:
+        yield collate(pending, skips)
+
+
 class ImageTextStream(ShardStream):
     """Batches of examples from shard sources; one instance per DataLoader.
 
@@ -489,12 +595,18 @@ class ImageTextStream(ShardStream):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         skips = SkipCounter()
         self._guard = UsableGuard([source.urls for source in self.sources], skips, self.shuffle_buffer)
+        bucketed = self.decoder.buckets is not None
         if self.decoder.train:
+            if bucketed:  # batches of one size each, from per-bucket buffers of raw samples
+                to_items = lambda order, rng: self._bucketed_groups(iter(order), skips, rng, self._restored_buffers())
+            else:  # captions, dropout, crops, flips
+                to_items = lambda order, rng: self._examples(iter(order), skips, rng)
             yield from self._resumable_batches(
                 skips,
                 lambda index, consumer, position: self._source_samples(index, consumer, skips, infinite=True,
                                                                        position=position),
-                lambda order, rng: self._examples(iter(order), skips, rng),  # captions, dropout, crops, flips
+                to_items,
+                grouped=bucketed,
             )
             return
         # Validation: every source once, in order, the same pool every time.
@@ -502,22 +614,85 @@ class ImageTextStream(ShardStream):
         raw_samples = itertools.chain.from_iterable(
             self._source_samples(index, reader, skips, infinite=False) for index in range(len(self.sources))
         )
-        examples = self._examples(raw_samples, skips, random.Random(self.seed))
-        batches = batches_with_skips(examples, self.batch_size, True, skips, self._collate)
+        rng = random.Random(self.seed)
+        if bucketed:  # the same deterministic buckets; what is left at the end goes as smaller batches
+            groups = self._bucketed_groups(raw_samples, skips, rng, BucketBuffers(self.batch_size), flush=True)
+            batches = groups_with_skips(groups, skips, self._collate)
+        else:
+            batches = batches_with_skips(self._examples(raw_samples, skips, rng), self.batch_size, True, skips,
+                                         self._collate)
         yield from self._share(batches, False, consumer)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"signature": getattr(self, "_signature", None)}  # which batch shape wins a tie
+        state = {"signature": getattr(self, "_signature", None)}  # which batch shape wins a tie
+        if self.decoder.buckets is not None:
+            state["buckets"] = self._buffers.state()
+        return state
 
     def _restore_extra_state(self, saved: Mapping[str, Any]) -> None:
         if saved.get("signature") is not None:
             self._signature = saved["signature"]
+        self._saved_buckets = saved.get("buckets") or []
+
+    def _bucketed_groups(
+        self, raw_samples: Iterator[dict[str, Any]], skips: SkipCounter, rng: random.Random, buffers: BucketBuffers,
+        flush: bool = False,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Lists of examples of one target size: each raw sample waits (still encoded) in its
+        bucket's buffer, placed by its header alone; a full buffer is decoded in its order,
+        drawing from `rng`. A sample that fails only then makes its batch one smaller.
+        `flush`: at the end (a finite stream) the partial buffers go out too."""
+        self._buffers = buffers
+        placed = self._examples(raw_samples, skips, rng, decode=lambda raw, _: (self.decoder.bucket_of(raw), raw))
+        for bucket, raw in placed:
+            full = buffers.add(bucket, raw)
+            if full is not None:
+                group = list(self._examples(iter(full), skips, rng))
+                if group:
+                    yield group
+        if flush:
+            for rest in buffers.drain():
+                group = list(self._examples(iter(rest), skips, rng))
+                if group:
+                    yield group
+
+    def _restored_buffers(self) -> BucketBuffers:
+        """The bucket buffers as the saved position left them: their samples read again from
+        where the saved places say (`streams.read_back`); the training order itself resumes
+        after them."""
+        buffers = BucketBuffers(self.batch_size)
+        saved = getattr(self, "_saved_buckets", None) or []
+        self._saved_buckets = []
+        if not saved:
+            return buffers
+        consumer = self.training_consumer()
+        places: dict[int, list[tuple[int, int, int]]] = {}
+        for _, _, bucket_places in saved:
+            for source, *place in bucket_places:
+                places.setdefault(source, []).append(tuple(place))
+        found = {
+            (source, *place): raw
+            for source, wanted in places.items()
+            for place, raw in read_back(self.sources[source].urls, consumer, f"{self.seed}:{source}", wanted,
+                                        is_image_text_member).items()
+        }
+        for height, width, bucket_places in saved:
+            for place in bucket_places:
+                raw = found.get(tuple(place))
+                if raw is None:
+                    logger.warning("train data: a sample waiting in bucket %dx%d at %s is no longer in its shard",
+                                   height, width, place)
+                    continue
+                buffers.restore((height, width), {**raw, PLACE: tuple(place)})
+        return buffers
 
     def _source_samples(
         self, index: int, consumer: Consumer, skips: SkipCounter, *, infinite: bool, position: ReadPosition | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Raw samples of source `index` for `consumer`; the shuffle comes after, on raw bytes."""
-        return iter_consumer_samples(
+        """Raw samples of source `index` for `consumer`; the shuffle comes after, on raw bytes.
+        Bucketed training marks each with where it was read (`PLACE`), to save what waits in
+        the bucket buffers."""
+        samples = iter_consumer_samples(
             self.sources[index].urls,
             consumer,
             skips,
@@ -527,15 +702,21 @@ class ImageTextStream(ShardStream):
             on_pass=lambda size: self._guard.pass_done(index, size),
             position=position,
         )
+        if position is None or self.decoder.buckets is None:
+            return samples
+        return ({**sample, PLACE: (index, position.pass_index, position.shard, position.sample)} for sample in samples)
 
     def _examples(
-        self, raw_samples: Iterator[dict[str, Any]], skips: SkipCounter, rng: random.Random
-    ) -> Iterator[dict[str, Any]]:
+        self, raw_samples: Iterator[dict[str, Any]], skips: SkipCounter, rng: random.Random,
+        decode: Callable[[dict[str, Any], random.Random], Any] | None = None,
+    ) -> Iterator[Any]:
+        """`decode(raw, rng)` (the decoder by default) of each raw sample; bad ones skipped."""
+        decode = decode or self.decoder
         train = self.decoder.train
         rejected_in_a_row = 0
         for raw in raw_samples:
             try:
-                example = self.decoder(raw, rng)
+                example = decode(raw, rng)
             except Exception as error:  # noqa: BLE001 - one bad sample costs that sample, not the run
                 bad = error if isinstance(error, BadSample) else BadSample(
                     "bad_sample", f"{type(error).__name__}: {str(error)[:200]}")
@@ -573,7 +754,9 @@ class ImageTextDataModule(ShardDataModule):
     as in stage 1. `languages`: training weight per caption language; missing codes weigh
     1.0, 0 excludes. `min_size` (shorter side of the original, px) and `min_aesthetic` apply
     to both splits: they choose the data set. `random_flip` is off by default because
-    captions say left and right.
+    captions say left and right. `buckets`: (h, w) sizes (`linguadiff.buckets`); each image
+    goes to the one nearest its aspect ratio and every batch holds one size (`BucketBuffers`);
+    None: square crops of `resolution`.
     """
 
     tokenizer_roles = tuple(TOKENIZED_FIELDS)
@@ -598,8 +781,12 @@ class ImageTextDataModule(ShardDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         tokenizers: Mapping[str, Tokenizer] | None = None,
         llm_signature: Mapping[str, Any] | None = None,
+        buckets: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__(train, val, batch_size, val_batch_size, num_workers, shuffle_buffer, seed)
+        self.buckets = None if buckets is None else tuple((int(h), int(w)) for h, w in buckets)
+        if self.buckets is not None and (not self.buckets or min(min(b) for b in self.buckets) < 1):
+            raise ValueError(f"buckets must be a non-empty list of positive (h, w) sizes, got {buckets!r}")
         if resolution < 1 or max_pixels < 1 or min_size < 0:
             raise ValueError(f"need resolution >= 1, max_pixels >= 1, min_size >= 0; got "
                              f"{resolution}, {max_pixels}, {min_size}")
@@ -617,6 +804,7 @@ class ImageTextDataModule(ShardDataModule):
             max_pixels=max_pixels,
             language_weights=language_weights,
             llm_signature=llm_signature,
+            buckets=self.buckets,
         )
         # Validation: centred crops, the first English caption, nothing dropped or flipped.
         self.val_decoder = ImageTextDecoder(
@@ -628,8 +816,13 @@ class ImageTextDataModule(ShardDataModule):
             min_aesthetic=min_aesthetic,
             max_pixels=max_pixels,
             llm_signature=llm_signature,
+            buckets=self.buckets,
         )
         self.set_tokenizers(tokenizers)
+
+    def _fingerprint_extra(self) -> Any:
+        # A bucketed position holds bucket buffers: only valid for the same buckets and batch size.
+        return None if self.buckets is None else [[list(b) for b in self.buckets], self.batch_size]
 
     def _split_summary(self, split: str) -> str:
         decoder = self.train_decoder if split == "train" else self.val_decoder

@@ -119,6 +119,42 @@ class ReadPosition:
     yielded_in_pass: int = 0
 
 
+def consumer_shards(urls: Sequence[str], consumer: Consumer, seed: int | str, pass_index: int,
+                    infinite: bool) -> list[str]:
+    """The shards `consumer` reads in pass `pass_index`, in order (`iter_consumer_samples`)."""
+    order = list(urls)
+    if infinite:
+        random.Random(f"{seed}:{pass_index}").shuffle(order)
+    return order if len(urls) < consumer.count else order[consumer.index :: consumer.count]
+
+
+def read_back(
+    urls: Sequence[str],
+    consumer: Consumer,
+    seed: int | str,
+    places: Sequence[tuple[int, int, int]],
+    wanted: Callable[[str], bool] = lambda extension: True,
+) -> dict[tuple[int, int, int], dict[str, Any]]:
+    """The raw samples an infinite `iter_consumer_samples` read at `places` ((pass, shard,
+    sample) as its `ReadPosition` stood right after each), reading each shard once. Problems
+    were counted on the first reading; a place no longer there is left out."""
+    wanted_places: dict[tuple[int, int], set[int]] = {}
+    for pass_index, shard, sample in places:
+        wanted_places.setdefault((pass_index, shard), set()).add(sample)
+    found: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for (pass_index, shard), samples in sorted(wanted_places.items()):
+        shards = consumer_shards(urls, consumer, seed, pass_index, True)
+        if shard >= len(shards):
+            continue
+        last = max(samples)
+        for number, sample in enumerate(iter_tar_samples(shards[shard], SkipCounter.discarding(), wanted), 1):
+            if number in samples:
+                found[(pass_index, shard, number)] = sample
+            if number >= last:
+                break
+    return found
+
+
 def iter_consumer_samples(
     urls: Sequence[str],
     consumer: Consumer,
@@ -161,10 +197,7 @@ def iter_consumer_samples(
     shards_ever_read: set[str] = set()
     source_has_samples = False
     for pass_index in itertools.count(start.pass_index) if infinite else (0,):
-        order = list(urls)
-        if infinite:
-            random.Random(f"{seed}:{pass_index}").shuffle(order)
-        my_shards = order if by_sample else order[consumer.index :: consumer.count]
+        my_shards = consumer_shards(urls, consumer, seed, pass_index, infinite)
         resuming = pass_index == start.pass_index
         position.pass_index = pass_index
         if not resuming:
@@ -300,6 +333,13 @@ def check_position(state: Mapping[str, Any], sources: int) -> None:
             random_from(0, saved)
     if not all(isinstance(order.get(name, 0), int) and order.get(name, 0) >= 0 for name in ("block", "taken")):
         raise ValueError(f"block {order.get('block')!r}, taken {order.get('taken')!r}")
+    for bucket in state.get("buckets") or ():  # [h, w, [[source, pass, shard, sample], ...]]
+        height, width, places = bucket
+        if not all(isinstance(v, int) and v > 0 for v in (height, width)):
+            raise ValueError(f"bucket {height!r} x {width!r}")
+        for place in places:
+            if not (len(place) == 4 and all(isinstance(v, int) and v >= 0 for v in place) and place[0] < sources):
+                raise ValueError(f"buffered sample at {place!r}")
 
 
 def random_from(seed: int | str, saved: Sequence[Any] | None = None) -> random.Random:
@@ -421,12 +461,15 @@ class ShardStream(IterableDataset):
         skips: SkipCounter,
         open_source: Callable[[int, Consumer, ReadPosition], Iterator[Any]],
         to_items: Callable[[TrainingOrder, random.Random], Iterator[Any]],
+        grouped: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """Endless full training batches, each carrying the stream's position after it
         (`stream_position`, plain types); a resumed stream starts where `resume_positions`
         says. `open_source(index, consumer, position)` gives one source's items from
         `position` on; `to_items(order, rng)` turns the training order into what `_collate`
-        batches, drawing per-sample randomness from `rng` (this consumer's generator)."""
+        batches, drawing per-sample randomness from `rng` (this consumer's generator), or
+        with `grouped` into the lists of items `_collate` takes as they are (`_extra_state`
+        then holds whatever those lists are formed from)."""
         consumer = self.training_consumer()
         saved = self.resume_positions.get(consumer.worker_id, {})
         self._restore_extra_state(saved)
@@ -437,7 +480,9 @@ class ShardStream(IterableDataset):
             lambda positions: [open_source(index, consumer, positions[index]) for index in range(len(self.sources))],
             [source.weight for source in self.sources], self.shuffle_buffer, seed, skips, saved.get("order"),
         )
-        for batch in batches_with_skips(to_items(order, rng), self.batch_size, False, skips, self._collate):
+        groups = to_items(order, rng) if grouped else batched(to_items(order, rng), self.batch_size, False)
+        for group in groups:
+            batch = self._collate(group, skips)
             state = {"order": order.state(), "sample_rng": rng.getstate(), **self._extra_state()}
             batch["stream_position"] = {"worker": consumer.worker_id, "workers": consumer.num_workers, "state": state}
             yield batch

@@ -122,12 +122,16 @@ class Generator:
         guidance: float | None = None,
         scheduler: str | None = None,
         batch_size: int = 16,
+        height: int | None = None,
+        width: int | None = None,
     ) -> list[tuple[int, int, Image.Image]]:
         """Draw `num_images` per prompt; image j of every prompt uses seed `seed + j`, so
         the same seed compares prompts (and languages) on the same starting noise. A list
         of seeds gives each prompt its own (image j of prompt i: `seed[i] + j`), so a set of
         different prompts is not drawn from one noise. Returns (prompt index, image index,
-        image) triples."""
+        image) triples. `height` / `width` (pixels; None: the base's default square) must be
+        multiples of `size_multiple`."""
+        self.check_size(height, width)
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -142,7 +146,7 @@ class Generator:
             chunk = jobs[start : start + batch_size]
             cond = self._encode([prompts[i] for i, _ in chunk])
             generators = [torch.Generator().manual_seed(seeds[i] + j) for i, j in chunk]
-            images = self._draw(cond, negative, len(chunk), steps, guidance, generators)
+            images = self._draw(cond, negative, len(chunk), steps, guidance, generators, height, width)
             results += [(i, j, im) for (i, j), im in zip(chunk, images)]
         return results
 
@@ -150,13 +154,31 @@ class Generator:
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor | None]:
         return self.encoder.encode(prompts)
 
-    def _draw(self, cond, negative, n, steps, guidance, generators) -> list[Image.Image]:
+    def check_size(self, height: int | None, width: int | None) -> None:
+        """Raises ValueError naming `height` or `width` unless each is None or a positive
+        multiple of `size_multiple`."""
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0
+                                          and value % self.size_multiple == 0):
+                raise ValueError(f"{name} must be a positive multiple of {self.size_multiple} for this base, got {value!r}")
+
+    @property
+    def size_multiple(self) -> int:
+        """What image sides must be a multiple of: the VAE's factor x 2 per UNet downsampling."""
+        vae = getattr(self.pipeline, "vae", None)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        return factor * 2 ** (len(self.pipeline.unet.config.down_block_types) - 1)
+
+    def _draw(self, cond, negative, n, steps, guidance, generators, height=None, width=None) -> list[Image.Image]:
         dtype = self.pipeline.unet.dtype
         context = cond["context"].to(dtype)
         negative_context = negative["context"].to(dtype).expand(n, -1, -1)
         if self.kind == "demo":
-            return self.pipeline(context, negative_context, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
+            return self.pipeline(context, negative_context, num_inference_steps=steps, guidance_scale=guidance,
+                                 generator=generators, height=height, width=width)
         kwargs = dict(
+            height=height,
+            width=width,
             prompt_embeds=context,
             negative_prompt_embeds=negative_context,
             num_inference_steps=steps,

@@ -22,9 +22,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from linguadiff.buckets import bucket_problems
 from linguadiff.config import STAGES, ConfigError
 
 # Choices, as the code that reads each key takes them.
+CROPS = ("square", "buckets")  # datamodules/image_shards.py
 LAYER_MIXES = ("mean", "concat")  # models/text_encoder.py
 LLM_BOS = ("auto", "none")  # models/text_encoder.py PromptTokenizer
 LOSS_TYPES = ("cos_len", "mse")  # models/losses.py ALIGNMENT_LOSSES
@@ -79,6 +81,7 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     c.choice("llm.bos", LLM_BOS)
     if stage in (2, 3):  # stage 1 reads text only
         _check_resolution(cfg, p)
+        _check_buckets(cfg, c, p)
 
     # adapter shape
     for key in ("dim", "num_queries", "heads", "ffn_dim", "decoder_layers"):
@@ -218,6 +221,38 @@ def _check_resolution(cfg: DictConfig, p: Problems) -> None:
     if not (_is_int(res) and res >= multiple and res % multiple == 0):
         p.append(f"config key 'model.resolution' must be a positive multiple of {multiple} for this "
                  f"{cfg.model.kind} base ({why}), got {_show(res)}")
+
+
+def _check_buckets(cfg: DictConfig, c: _Checker, p: Problems) -> None:
+    """data.crop and the bucket set: every size a multiple of the base's step (the VAE factor
+    x 2 per UNet downsampling), as model.resolution must be."""
+    c.choice("data.crop", CROPS)
+    if cfg.model.kind not in MODEL_KINDS:
+        return
+    multiple, why = resolution_multiple(cfg.model)
+    sizes = OmegaConf.select(cfg, "samples.sizes")
+    if sizes:
+        sizes = OmegaConf.to_container(sizes) if OmegaConf.is_config(sizes) else sizes
+        for problem in bucket_problems(sizes, multiple):
+            p.append(f"config key 'samples.sizes' {problem} ({cfg.model.kind} base: {why})")
+    if OmegaConf.select(cfg, "data.crop") != "buckets":
+        return
+    listed = OmegaConf.select(cfg, "data.buckets")
+    if listed is not None:
+        listed = OmegaConf.to_container(listed) if OmegaConf.is_config(listed) else listed
+        for problem in bucket_problems(listed, multiple):
+            p.append(f"config key 'data.buckets' {problem} ({cfg.model.kind} base: {why})")
+        return
+    c.number("data.bucket_max_ratio", low=1.0)
+    step = OmegaConf.select(cfg, "data.bucket_step")
+    if step is not None and not (_is_int(step) and step >= multiple and step % multiple == 0):
+        p.append(f"config key 'data.bucket_step' must be null or a positive multiple of {multiple} for this "
+                 f"{cfg.model.kind} base ({why}), got {_show(step)}")
+        return
+    res = OmegaConf.select(cfg, "model.resolution")
+    if _is_int(res) and _is_int(step or multiple) and res * res < (step or multiple) ** 2:
+        p.append(f"config key 'data.bucket_step' ({step or multiple}) is larger than model.resolution={res}: "
+                 "no bucket fits")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -7,9 +7,11 @@
     python train.py stage=2 ... data.train.urls='/data/laion-sdxl-cached/train/{00000..09999}.tar' \
         data.val.urls=/data/laion-sdxl-cached/val/laion-val.tar
 
-The same config as training (model=, llm=, data=; the crop size is model.resolution); the
-member formats are in datamodules/cached.py. Each output shard holds the input's samples
-with the image replaced by its centre crop's VAE latent distribution (pixels for the demo's
+The same config as training (model=, llm=, data=; the crop size is model.resolution, or with
+data.crop=buckets each image's bucket, chosen as training chooses it: train on the cache with
+the same bucket settings); the member formats are in datamodules/cached.py. Each output
+shard holds the input's samples, in their order, with the image replaced by its centre
+crop's VAE latent distribution (pixels for the demo's
 pixel-space base), captions and json kept, and beside it NAME_stats.json (img2dataset's
 format: the trainer reads steps per epoch from it).
 
@@ -58,8 +60,16 @@ class FeatureWriter:
 
         from datamodules.cached import llm_signature
 
+        from datamodules.image_shards import ImageTextDecoder
+        from linguadiff.buckets import configured_buckets
+        from linguadiff.settings_check import resolution_multiple
+
         m = cfg.model
         self.resolution = int(m.resolution)
+        # The size each image is cropped to: its bucket (data.crop=buckets) or the square,
+        # chosen exactly as the training stream chooses it.
+        buckets = configured_buckets(cfg.data, self.resolution, resolution_multiple(m)[0])
+        self.sizer = ImageTextDecoder(self.resolution, train=False, buckets=None if buckets is None else tuple(buckets))
         self.device = device
         self.vae = load_vae(m.path, m.kind, m.dtype, m.revision)
         if self.vae is not None:
@@ -74,7 +84,7 @@ class FeatureWriter:
     def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Raw sample -> centre crop and metadata; raises BadSample like the training decoder."""
         from datamodules.image_shards import (
-            DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadSample, caption_candidates, open_image, read_json, square_crop,
+            DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadSample, caption_candidates, cover_crop, open_image, read_json,
         )
 
         from datamodules.cached import CACHE_MEMBERS
@@ -90,7 +100,8 @@ class FeatureWriter:
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if extension is None:
             raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
-        crop = square_crop(open_image(raw[extension], DEFAULT_MAX_PIXELS), self.resolution, None)
+        image = open_image(raw[extension], DEFAULT_MAX_PIXELS)
+        crop = cover_crop(image, self.sizer.target_size(image.height, image.width), None)
         return {"raw": raw, "meta": meta, "captions": captions, "crop": crop}
 
     @torch.no_grad()
@@ -98,15 +109,22 @@ class FeatureWriter:
         """Decoded items -> the samples to write (datamodules/cached.py formats)."""
         from datamodules.cached import EMPTY, LLM_STATES, META_KEY, MOMENTS, PIXELS, caption_name, llm_npz, to_npy
 
-        pixels = torch.stack([item["crop"].pixels for item in items])
-        if self.vae is not None:
-            moments = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
+        moments: list[torch.Tensor] = [None] * len(items)
+        if self.vae is not None:  # one VAE call per crop size: buckets mix sizes in a chunk
+            by_size: dict[tuple, list[int]] = {}
+            for i, item in enumerate(items):
+                by_size.setdefault(tuple(item["crop"].pixels.shape), []).append(i)
+            for indices in by_size.values():
+                pixels = torch.stack([items[i]["crop"].pixels for i in indices])
+                encoded = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
+                for i, row in zip(indices, encoded):
+                    moments[i] = row
         states, empty = self._llm_states(items) if self.text_encoder is not None else (None, None)
         samples = []
         for i, item in enumerate(items):
             raw, crop = item["raw"], item["crop"]
             cache = {"resolution": self.resolution, "original_size": list(crop.original_size),
-                     "crop_top_left": list(crop.crop_top_left)}
+                     "crop_top_left": list(crop.crop_top_left), "target_size": list(crop.pixels.shape[1:])}
             sample = {"__key__": raw["__key__"]}
             if "txt" in raw:
                 sample["txt"] = raw["txt"]

@@ -66,6 +66,43 @@ def test_cached_shards_give_the_same_loss(world, stage1_run, tmp_path, llm_state
         assert torch.equal(context, cached_context) and torch.equal(loss, cached_loss)
 
 
+def test_cached_bucketed_shards_give_the_same_batches(world, stage1_run, tmp_path):  # noqa: F811
+    """Images of mixed aspect ratios cached at their buckets (around 32 x 32, sides multiples
+    of the tiny SD1.5 base's 4): every validation batch, its sizes and its latents equal the
+    uncached stream's (latents up to float rounding)."""
+    from datamodules.demo_data import mixed_shapes, write_demo_shards
+
+    write_demo_shards(tmp_path / "mixed", num_samples=12, samples_per_shard=12, seed=5, image_size=32, prefix="val",
+                      with_images=True, shapes=mixed_shapes(32))
+    out = tmp_path / "cached"
+    args = [*stage_args(world, tmp_path / "run", 2, init_from=stage1_run),
+            f"data.val.urls={tmp_path}/mixed/val-00000.tar", "data.val_batch_size=4", "data.crop=buckets"]
+    assert cache_features.main([*args, f"cache.out={out}", "cache.splits=[val]"]) == 0
+    original_cfg = resolve(load_config(args))
+    cached_cfg = resolve(load_config([*args, f"data.val.urls={out}/val/val-00000.tar"]))
+    assert original_cfg.data.crop == "buckets"
+    module = stage_class(2).from_config(original_cfg).eval()
+    loaders = []
+    for cfg in (original_cfg, cached_cfg):
+        datamodule = build_datamodule(cfg, module.tokenizers())
+        datamodule.num_workers = 0
+        loaders.append(list(datamodule.val_dataloader()))
+    originals, cached = loaders
+    assert len(originals) == len(cached) and sum(len(b["key"]) for b in cached) == 12
+    assert len({tuple(b["target_size"][0].tolist()) for b in cached}) >= 3  # several buckets
+    for original, again in zip(originals, cached):
+        assert original["key"] == again["key"] and "moments" in again and "image" not in again
+        for name in ("original_size", "crop_top_left", "target_size"):
+            assert torch.equal(original[name], again[name])
+        with torch.no_grad():
+            x0, _, loss = _loss(module, original)
+            cached_x0, _, cached_loss = _loss(module, again)
+        assert x0.shape[-2:] == tuple(s // 2 for s in original["target_size"][0].tolist())
+        # The cache encodes each size in other VAE batches than this one: equal up to the
+        # rounding of batched convolutions.
+        assert torch.allclose(x0, cached_x0, rtol=0, atol=1e-5) and torch.allclose(loss, cached_loss, rtol=1e-5)
+
+
 def test_cache_resumes_per_shard_and_splits_across_processes(world, stage1_run, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "cached"
     args = [*stage_args(world, tmp_path / "run", 2, init_from=stage1_run), f"cache.out={out}", "cache.splits=[train]"]

@@ -59,6 +59,11 @@ def test_demo_export_draws_with_the_pixel_pipeline(assets, tmp_path):  # noqa: F
     assert generate.main([f"run_dir={run_dir}", "prompt=赤い円", "num_images=3", f"out_dir={out}"]) == 0
     files = sorted(out.glob("*.png"))
     assert len(files) == 3 and Image.open(files[0]).size == (16, 16)
+    wide = tmp_path / "wide"  # another aspect ratio (a demo bucket), and a size the UNet cannot take
+    assert generate.main([f"run_dir={run_dir}", "prompt=赤い円", "num_images=1", "height=12", "width=20",
+                          f"out_dir={wide}"]) == 0
+    assert Image.open(next(wide.glob("*.png"))).size == (20, 12)
+    assert generate.main([f"run_dir={run_dir}", "prompt=x", "width=15", f"out_dir={wide}"]) == 2
 
 
 def test_generate_explains_a_missing_export(tmp_path, capsys):
@@ -132,3 +137,31 @@ def test_qwen2_without_tokenizer_bos_uses_the_configs_for_the_empty_prompt_in_st
     # An export written before `bos` replaced `add_bos` still loads, with the same BOS.
     legacy = {k: v for k, v in meta["llm"].items() if k not in ("bos", "bos_token_id")} | {"add_bos": True}
     assert LLMTextEncoder.from_settings(legacy).tokenizer.bos_id == bos
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_sample_grids_at_several_aspect_ratios(pipelines, tmp_path, kind):
+    """`samples.sizes`: a grid per (h, w), the first under the plain name; the SDXL pipeline
+    gets the size as its micro-conditioning's target."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from callbacks.sample_images import SampleImages, SampleSettings
+
+    pipeline = load_pipeline(kind, str(pipelines[kind]), None, torch.float32, None)
+    generator = Generator(encoder=_RandomConditioning(pipeline.unet), pipeline=pipeline, kind=kind, metadata={},
+                          defaults={})
+    with pytest.raises(ValueError, match="width must be a positive multiple of 4"):
+        generator(["a"], width=30)
+    module = SimpleNamespace(training=True, prompt_encoder=_RandomConditioning(pipeline.unet), unet=pipeline.unet,
+                             vae=pipeline.vae, noise_scheduler=pipeline.scheduler, ema_weights=nullcontext,
+                             eval=lambda: None, train=lambda mode=True: None)
+    settings = SampleSettings(base_kind=kind, prompts=("a", "b"), every_n_steps=2, num_images=1, steps=2,
+                              scheduler="ddim", sizes=((32, 32), (24, 40)))
+    trainer = SimpleNamespace(global_step=2, is_global_zero=True, strategy=None, logger=None)
+    path = SampleImages(settings, tmp_path).draw(trainer, module)
+    assert path == tmp_path / "step00000002.png"
+    square, wide = Image.open(path), Image.open(tmp_path / "step00000002_24x40.png")
+    margin = square.width - 64  # row labels; 32 px tiles are shown at 64
+    assert square.height == 2 * 64 and wide.height == 2 * 48 and wide.width - margin == 80
+    assert json.loads(path.with_suffix(".json").read_text())["sizes"] == [[32, 32], [24, 40]]

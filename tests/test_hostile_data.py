@@ -21,7 +21,7 @@ from PIL import Image
 
 import datamodules.tar_reading as tar_reading
 from datamodules.cached import META_KEY, MOMENTS, LLM_STATES, PIXELS, from_npy, llm_npz, to_npy
-from datamodules.image_shards import ImageTextDataModule, open_image, square_crop
+from datamodules.image_shards import ImageTextDataModule, ImageTextDecoder, open_image, square_crop
 from datamodules.skips import SkipCounter
 from datamodules.streams import NoUsableData
 from datamodules.tar_reading import ShardOutcome, iter_tar_samples
@@ -337,6 +337,7 @@ class PixelWriter:
 
         writer = cache_features.FeatureWriter.__new__(cache_features.FeatureWriter)
         writer.resolution, writer.device, writer.vae, writer.text_encoder = 16, torch.device("cpu"), None, None
+        writer.sizer = ImageTextDecoder(16, train=False)  # square crops
         return cache_features, writer
 
 

@@ -54,7 +54,10 @@ def _datamodule(kind: str, shards: dict[str, Path], workers: int):
     common = {"val": None, "batch_size": 5, "num_workers": workers, "shuffle_buffer": 7, "seed": 11}
     if kind == "text":
         return TextShardsDataModule(train, **common)
-    return ImageTextDataModule(train, resolution=16, **common)
+    # image-buckets: the demo images are square, the extra source's 40 x 32: two buckets, and
+    # bucket buffers carried across shuffle blocks and passes, resumed by reading them again.
+    buckets = [(16, 16), (14, 18), (18, 14)] if kind == "image-buckets" else None
+    return ImageTextDataModule(train, resolution=16, buckets=buckets, **common)
 
 
 def _steps(datamodule, loader_iter, count: int) -> list[dict]:
@@ -81,8 +84,9 @@ def _same(a: dict, b: dict) -> bool:
     return True
 
 
-@pytest.mark.parametrize("kind", ["text", "image"])
-@pytest.mark.parametrize("workers,stop", [(0, 3), (2, 5), (3, 7)])
+@pytest.mark.parametrize("kind,workers,stop", [
+    (kind, workers, stop) for kind in ("text", "image") for workers, stop in ((0, 3), (2, 5), (3, 7))
+] + [("image-buckets", 0, 3), ("image-buckets", 2, 5)])
 def test_a_resumed_stream_gives_the_same_batches(shards, kind, workers, stop):
     total = 24  # more than one pass over the data: the pass boundary is crossed after a resume
     straight = _datamodule(kind, shards, workers)
@@ -103,6 +107,12 @@ def test_a_resumed_stream_gives_the_same_batches(shards, kind, workers, stop):
     differ = [stop + i for i, (a, b) in enumerate(zip(tail, reference[stop:])) if not _same(a, b)]
     assert not differ, f"batches {differ} differ from the uninterrupted stream's"
     assert sum(len(batch["key"]) for batch in reference) > 84 + 15  # both sources read past a full pass
+    if kind == "image-buckets":
+        assert {tuple(batch["image"].shape[2:]) for batch in reference} == {(16, 16), (14, 18)}
+        assert all(len(set(map(tuple, batch["target_size"].tolist()))) == 1 for batch in reference)
+        waiting = [place for state in saved["train_streams"][0]["workers"].values()
+                   for _, _, places in state["buckets"] for place in places]
+        assert waiting, "the resumed stream must have had samples waiting in its bucket buffers"
 
 
 def test_a_batch_taken_but_not_finished_is_not_in_the_position(shards):

@@ -28,13 +28,16 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         guidance_scale: float = 1.5,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
+        height: int | None = None,
+        width: int | None = None,
     ) -> list[Image.Image] | torch.Tensor:
-        """`prompt_embeds` [B, N, D] is the UNet's cross-attention context (CLIP's, or the adapter's)."""
+        """`prompt_embeds` [B, N, D] is the UNet's cross-attention context (CLIP's, or the adapter's);
+        `height` / `width`: the image size (default: the UNet's square `sample_size`)."""
         unet, scheduler = self.unet, self.scheduler
         device, dtype = unet.device, unet.dtype
         batch = prompt_embeds.shape[0]
         size, channels = unet.config.sample_size, unet.config.in_channels
-        shape = (batch, channels, size, size)
+        shape = (batch, channels, height or size, width or size)
         if isinstance(generator, list):  # one generator per image: each image reproducible alone
             x = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
         else:
