@@ -95,7 +95,8 @@ class StageModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         report = self.trainable_report()
-        lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'trains' if n else 'frozen'}" for name, total, n in report]
+        lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'frozen' if not n else 'trains' if n == total else f'trains {n / 1e6:.3f}M (LoRA)'}"
+                 for name, total, n in report]
         if self._trainer is None or self.trainer.is_global_zero:
             log.info("Stage %d parts (parameters%s, state):\n%s", self.settings.stage,
                      " of this rank's FSDP shards" if self.sharded else "", "\n".join(lines))
