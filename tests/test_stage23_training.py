@@ -218,7 +218,8 @@ def lora_run(world, stage1_run, tmp_path_factory) -> tuple[Path, Watch]:
     """A 4-step LoRA stage 2 on the tiny SD1.5 base, exporting the merged UNet too."""
     watch = Watch()
     run_dir = tmp_path_factory.mktemp("lora") / "stage2"
-    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run, **LORA, **{"export.merge_lora": "true"}),
+    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run, **{**LORA, "export.merge_lora": "true",
+                                                                             "samples.every_n_steps": 4}),
                       extra_callbacks=(watch,)) == 0
     return run_dir, watch
 
@@ -285,6 +286,7 @@ def check_lora_run(world, run_dir: Path, watch: Watch, kind: str, merged: bool) 
 
 def test_lora_stage2_sd15_trains_only_lora_and_adapter_and_exports_for_diffusers(world, lora_run):
     check_lora_run(world, *lora_run, kind="sd15", merged=True)
+    assert (lora_run[0] / "samples" / "step00000004.png").is_file()  # the grid draws with the LoRA'd UNet
 
 
 def test_lora_stage2_sdxl_exports_a_lora_that_generate_draws_with(world, stage1_sdxl_run, tmp_path):
