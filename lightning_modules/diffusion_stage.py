@@ -239,7 +239,7 @@ class DiffusionStage(StageModule):
                 unwrap(self.adapter).save(directory / ADAPTER_FILE, metadata)
                 unet.save_pretrained(directory / "unet")
                 return
-            metadata["lora"] = {**unet_lora.lora_config_of(unet), "on": self.lora_on}
+            metadata["lora"] = {**unet_lora.lora_config_of(unet), "lr": self.diffusion.lora.lr, "on": self.lora_on}
             unwrap(self.adapter).save(directory / ADAPTER_FILE, metadata)
             unet_lora.save_lora(unet, directory / unet_lora.LORA_DIR, self.diffusion.base_kind)
             if self.diffusion.merge_lora or self.lora_on != "base":

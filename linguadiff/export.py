@@ -114,8 +114,9 @@ def write_model_card(directory: Path, metadata: dict, adapter: dict) -> None:
     if lora:
         on = "the base's UNet" if lora.get("on") == "base" else "the UNet of the stage-2 export it started from (init_from)"
         lines.append(f"- `{LORA_DIR}/{LORA_WEIGHTS}`: the UNet LoRA (EMA weights) in diffusers' format, on {on}: "
-                     f"rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['target_modules'])}. "
-                     f"`pipeline.load_lora_weights(\"{directory / LORA_DIR}\")` puts it on a pipeline of that UNet.")
+                     f"rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['target_modules'])}"
+                     + (f", learning rate {lora['lr']}" if lora.get("lr") is not None else "")
+                     + f". `pipeline.load_lora_weights(\"path/to/this/export/{LORA_DIR}\")` puts it on a pipeline of that UNet.")
     if has_unet:
         lines.append("- `unet/`: the UNet with the LoRA merged in (EMA weights) in diffusers format." if lora else
                      "- `unet/`: the trained UNet (EMA weights) in diffusers format.")
