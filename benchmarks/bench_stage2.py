@@ -10,6 +10,7 @@ img/s on an H200). Everything here is measured, never asserted.
     python benchmarks/bench_stage2.py --preset demo --loader             # CPU, the committed demo
     python benchmarks/bench_stage2.py --preset sdxl-7b --json OUT.json   # GPU, random SDXL + 7B (sd15-7b: SD1.5)
     python benchmarks/bench_stage2.py --preset sdxl-7b --tiny            # the GPU code path, tiny, on CPU
+    python benchmarks/bench_stage2.py --preset sdxl-7b --lora            # train.unet=lora: UNet LoRA + adapter train
 
 The measured code is the project's: ``DiffusionStage`` built around the parts (which sets
 what trains, gradient checkpointing, the loss options and the EMA), its ``to_model_space``,
@@ -271,6 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time training from a latent cache: no VAE is built; rows b and e are skipped; the parts are f's")
     p.add_argument("--compile", action="store_true",
                    help="also time rows a and f (cached latents; e without them) with the UNet under torch.compile")
+    p.add_argument("--lora", action="store_true",
+                   help="train.unet=lora: a LoRA (lora.* of the config) on the frozen UNet instead of the whole UNet")
     p.add_argument("--fsdp", action="store_true",
                    help="also time row g: the full step (cached latents) with LLM, adapter and UNet wrapped as "
                         "strategy=fsdp wraps them (one process: FSDP on one device); the last row, as it rewraps the parts")
@@ -313,6 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
         overrides.append("adapter.pooled_dim=null")  # SD1.5 has no pooled text input
     if args.gradient_checkpointing:
         overrides.append("diffusion.gradient_checkpointing=true")
+    if args.lora:
+        if args.fsdp:
+            raise SystemExit("--lora with --fsdp: train.unet=lora does not run under strategy=fsdp (use DDP)")
+        overrides.append("train.unet=lora")
     if args.resolution or args.tiny:
         overrides.append(f"model.resolution={args.resolution or 64}")
     if args.batch_size and args.preset == "demo":
@@ -331,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
                                                                   f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__, "batch": batch_size, "resolution": resolution,
+        "unet": f"lora (rank {cfg.lora.rank}, on {', '.join(cfg.lora.target_modules)})" if args.lora else "full",
     }
     rows: list[Row] = []
     shares: dict[str, Any] = {}

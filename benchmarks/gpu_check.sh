@@ -7,13 +7,18 @@
 #      and the sample callback at every step, then generate.py in bf16/fp16/fp32 (about a minute);
 #   3. (PART=2) the demo trained through strategy=fsdp in bf16 for a few steps (stages 1 and 2),
 #      then SD1.5 at 512 px, batch 32: UNet alone and cached latents, eager and compiled;
-#   4. (PART=plan) the memory planner's predicted peak vs the measured one for three settings it was
+#   4. (PART=3) SDXL stage 2 with train.unet=lora (rank 16 on the attention projections + the
+#      adapter train), 1024 px, batch 8: memory and img/s of the UNet-alone step, the full step on
+#      the fly and with cached latents (about 3 minutes; not yet measured), then the LoRA demo
+#      stage 2 for 20 steps in bf16 and its export through generate.py.
+#   5. (PART=plan) the memory planner's predicted peak vs the measured one for three settings it was
 #      not calibrated on (SDXL + 7B with gradient checkpointing; SDXL + 7B at 768 px batch 4 on the
 #      fly; SD1.5 + 7B batch 32 cached, no EMA), about 5 minutes.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh             # parts 1-2
 #   PART=2 OUT=/tmp/gpu bash benchmarks/gpu_check.sh      # part 3
-#   PART=plan OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 4
+#   PART=3 OUT=/tmp/gpu bash benchmarks/gpu_check.sh      # part 4
+#   PART=plan OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 5
 set -u -o pipefail
 failed=0
 OUT=${OUT:-runs/gpu_check}
@@ -48,6 +53,18 @@ elif [ "${PART:-1}" = 1 ]; then
         | tee "$OUT/sample_dtypes.txt" | tail -5
     grep -q "^sdxl: .* ok" "$OUT/sample_dtypes.txt" && grep -q "^sd15: .* ok" "$OUT/sample_dtypes.txt" \
         || { echo "!!! sample_dtypes failed"; failed=1; }
+elif [ "${PART}" = 3 ]; then
+    bench sdxl_lora 300 --preset sdxl-7b --lora --iters 4 --warmup 2 --no-flops --only "a,e,f"
+    echo "=== demo stage 1 + LoRA stage 2, bf16, one GPU, then generate.py with the LoRA export"
+    timeout 120 python train.py stage=1 trainer.max_steps=20 trainer.val_check_interval=10 checkpoint.every_n_steps=10 \
+        run_dir="$OUT/lora1" 2>&1 | grep -E "global batch|Exported|Error|error" | tail -4
+    timeout 120 python train.py stage=2 train.unet=lora trainer.max_steps=20 trainer.val_check_interval=10 \
+        checkpoint.every_n_steps=10 init_from="$OUT/lora1" samples.every_n_steps=20 run_dir="$OUT/lora2" 2>&1 \
+        | grep -E "LoRA|global batch|Exported|Error|error" | tail -6
+    timeout 60 python generate.py run_dir="$OUT/lora2" prompt="a red circle" num_images=2 out_dir="$OUT/lora2/generated" \
+        2>&1 | tail -2
+    [ -f "$OUT/lora2/export/lora/pytorch_lora_weights.safetensors" ] && [ -f "$OUT/lora2/generated/index.json" ] \
+        || { echo "!!! LoRA demo failed"; failed=1; }
 else
     echo "=== demo stage 1 + 2 through strategy=fsdp, bf16, one GPU"
     timeout 120 python train.py stage=1 strategy=fsdp trainer.devices=1 trainer.max_steps=20 trainer.val_check_interval=10 \

@@ -30,6 +30,7 @@ from lightning_modules.settings import StageSettings
 from linguadiff.config import ConfigError
 from linguadiff.distributed import gather_objects, unwrap
 from linguadiff.models.frozen import freeze
+from linguadiff.models.lora import is_lora_name
 from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.strategy import is_fsdp
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 
 class StageModule(L.LightningModule):
+    #: parts trained as a LoRA (train.unet=lora): only their LoRA weights train and are checkpointed
+    lora_parts: tuple[str, ...] = ()
+
     def __init__(self, settings: StageSettings) -> None:
         super().__init__()
         self.settings = settings
@@ -91,12 +95,16 @@ class StageModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         report = self.trainable_report()
-        lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'trains' if n else 'frozen'}" for name, total, n in report]
+        lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'frozen' if not n else 'trains' if n == total else f'trains {n / 1e6:.3f}M (LoRA)'}"
+                 for name, total, n in report]
         if self._trainer is None or self.trainer.is_global_zero:
             log.info("Stage %d parts (parameters%s, state):\n%s", self.settings.stage,
                      " of this rank's FSDP shards" if self.sharded else "", "\n".join(lines))
         training = {name for name, _, n in report if n}
-        partly = [name for name, total, n in report if 0 < n < total]
+        partly = [name for name, total, n in report if 0 < n < total and name not in self.lora_parts]
+        # A LoRA'd part trains exactly its LoRA weights: not one base weight, not one LoRA weight missed.
+        partly += [f"{name}.{p}" for name in self.lora_parts if name in training
+                   for p, w in getattr(self, name).named_parameters() if w.requires_grad != is_lora_name(p)][:3]
         expected = set(self.settings.trainable)
         if training != expected or partly:
             raise RuntimeError(
@@ -115,9 +123,17 @@ class StageModule(L.LightningModule):
         """``"name."`` of every part with no trainable weight: left out of checkpoints."""
         return tuple(f"{name}." for name, child in self.named_children() if not any(p.requires_grad for p in child.parameters()))
 
+    def checkpointed(self, key: str, frozen: tuple[str, ...]) -> bool:
+        """Whether the state-dict entry `key` goes into checkpoints: what trains (a LoRA'd
+        part's LoRA weights, never its frozen base weights)."""
+        if key.startswith(frozen):
+            return False
+        part = key.split(".", 1)[0]
+        return part not in self.lora_parts or is_lora_name(key)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_prefixes()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.checkpointed(k, frozen)}
         checkpoint["skipped_samples"] = dict(self.skipped)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -125,7 +141,7 @@ class StageModule(L.LightningModule):
         if "state_dict" not in checkpoint:  # sharded (FSDP): the strategy has read the weights it holds
             return
         frozen = self.frozen_prefixes()
-        needed = {k for k in self.state_dict() if not k.startswith(frozen)}
+        needed = {k for k in self.state_dict() if self.checkpointed(k, frozen)}
         missing = sorted(needed - set(checkpoint["state_dict"]))
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}: it is not from this stage")

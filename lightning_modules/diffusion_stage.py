@@ -14,6 +14,14 @@ is decoded, `train.trainable: [unet]` and a lower learning rate (configs/stage3.
 both stages are this one module; stage N starts from a stage-(N-1) export (`init_from`):
 stage 2 from the stage-1 adapter and the base's UNet, stage 3 from the stage-2 EMA adapter
 and EMA UNet.
+
+`train.unet=lora` (issue 12) trains a LoRA beside the frozen UNet instead of the UNet itself
+(models/lora.py): only the LoRA weights and the adapter train, sit in the optimizer and the
+EMA, and are checkpointed. Where the UNet starts (`unet_for`): stage 2 puts a fresh LoRA on
+the base's UNet. Stage 3 from a LoRA stage-2 export continues that same LoRA (its rank, alpha
+and targets; the export stays one LoRA on the base); from a full stage-2 export it puts a
+fresh LoRA on that export's UNet, and then exports the merged UNet as well (the LoRA alone
+would not fit the base). A full stage 3 from a LoRA export starts from the merged UNet.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from lightning_modules.ema import EMA
 from lightning_modules.settings import DiffusionSettings, StageSettings
 from linguadiff.distributed import unwrap
 from linguadiff.export import ADAPTER_FILE, check_handoff, init_export
+from linguadiff.models import lora as unet_lora
 from linguadiff.models.adapter import QueryAdapter
 from linguadiff.models.diffusion import (
     DiffusionLossConfig,
@@ -51,7 +60,9 @@ class DiffusionStage(StageModule):
     fsdp_ignored = ("vae",)
 
     def __init__(self, settings: StageSettings, diffusion: DiffusionSettings, prompt_encoder: PromptEncoder,
-                 unet, vae, noise_scheduler) -> None:
+                 unet, vae, noise_scheduler, lora_on: str = "base") -> None:
+        """`lora_on` (train.unet=lora): what UNet the LoRA applies to, "base" (the base model's)
+        or "init_from" (a full stage-2 export's). A `unet` without a LoRA gets a fresh one."""
         super().__init__(settings)
         self.diffusion = diffusion
         self.text_encoder = prompt_encoder.text_encoder
@@ -59,6 +70,11 @@ class DiffusionStage(StageModule):
         self.unet = unet
         self.vae = vae
         self.noise_scheduler = noise_scheduler
+        self.lora_on = lora_on
+        if diffusion.lora is not None:
+            self.lora_parts = ("unet",)
+            if not getattr(unet, "peft_config", None):
+                unet_lora.add_lora(unet, diffusion.lora)
         self.apply_trainable()
         if diffusion.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -75,16 +91,48 @@ class DiffusionStage(StageModule):
         check_handoff(cfg, meta, export)
         text_encoder = LLMTextEncoder.from_settings(cfg.llm, device=llm_device(cfg))
         m = cfg.model
-        # Stage 3 continues the stage-2 UNet (its export); stage 2 starts from the base's.
-        unet = load_unet(str(export / "unet"), subfolder=None) if (export / "unet").is_dir() else load_unet(m.path, revision=m.revision)
+        diffusion = DiffusionSettings.from_config(cfg)
+        unet, lora_on = cls.unet_for(cfg, export, diffusion)
         vae = load_vae(m.path, m.kind, m.dtype, m.revision)
         scheduler = load_noise_scheduler(m.path, cfg.diffusion.prediction_type, m.revision)
         log.info("Stage %d starts from %s (stage-%d export, step %s)", cfg.stage, export, meta["stage"], meta.get("global_step"))
-        return cls(StageSettings.from_config(cfg), DiffusionSettings.from_config(cfg), PromptEncoder(text_encoder, adapter),
-                   unet, vae, scheduler)
+        return cls(StageSettings.from_config(cfg), diffusion, PromptEncoder(text_encoder, adapter), unet, vae, scheduler, lora_on)
+
+    @staticmethod
+    def unet_for(cfg: DictConfig, export: Path, diffusion: DiffusionSettings):
+        """The UNet this stage starts from, and (LoRA) what the LoRA applies to. Stage 2: the
+        base's (a stage-1 export has none). Stage 3: the stage-2 export's, which is `unet/` (a
+        full or merged UNet) and/or `lora/` (a LoRA on the base's UNet)."""
+        m = cfg.model
+        full_dir, lora_dir = export / "unet", export / unet_lora.LORA_DIR
+        has_lora = (lora_dir / unet_lora.LORA_WEIGHTS).is_file()
+        if diffusion.lora is not None and has_lora:  # continue the stage-2 LoRA, on the base
+            unet = load_unet(m.path, revision=m.revision)
+            unet_lora.load_lora(unet, lora_dir)
+            found, wanted = unet_lora.lora_config_of(unet), diffusion.lora
+            if (found["rank"], found["alpha"], found["target_modules"]) != (wanted.rank, wanted.alpha, sorted(wanted.target_modules)):
+                log.warning("Stage %d continues the LoRA of %s (rank %d, alpha %g, on %s); lora.rank, lora.alpha and "
+                            "lora.target_modules of this run's config are not used", cfg.stage, lora_dir, found["rank"],
+                            found["alpha"], ", ".join(found["target_modules"]))
+            return unet, "base"
+        if full_dir.is_dir():  # a full (or merged) stage-2 UNet
+            return load_unet(str(full_dir), subfolder=None), "init_from"
+        unet = load_unet(m.path, revision=m.revision)
+        if has_lora:  # a full fine-tune from a LoRA export: from the merged UNet
+            unet_lora.load_lora(unet, lora_dir)
+            unet_lora.merge_into(unet)
+        return unet, "base"
 
     def tokenizers(self) -> dict[str, Any]:
         return {"student": self.text_encoder.tokenizer}
+
+    def apply_trainable(self) -> None:
+        """As the base, then in a LoRA'd UNet only the LoRA weights train."""
+        super().apply_trainable()
+        for name in self.lora_parts:
+            if name in self.settings.trainable:
+                for pname, p in getattr(self, name).named_parameters():
+                    p.requires_grad_(unet_lora.is_lora_name(pname))
 
     # ------------------------------------------------------------------ forward parts
 
@@ -162,22 +210,40 @@ class DiffusionStage(StageModule):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The adapter may get its own learning rate (`optim.adapter_lr`): it is small and was
-        trained in stage 1, the UNet is large and pretrained."""
+        trained in stage 1, the UNet is large and pretrained. A UNet LoRA has its own too
+        (`lora.lr`): new weights starting from zero learn at a LoRA's rate, not a fine-tune's."""
         adapter_lr = self.settings.optim.adapter_lr
-        if adapter_lr is None or not any(p.requires_grad for p in self.adapter.parameters()):
-            return super().param_groups()
+        lora = self.diffusion.lora
+        unet_lr = lora.lr if lora is not None else None
         adapter = [p for p in self.adapter.parameters() if p.requires_grad]
+        if unet_lr is None and (adapter_lr is None or not adapter):
+            return super().param_groups()
         adapter_ids = {id(p) for p in adapter}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in adapter_ids]
-        return [{"params": rest, "name": "unet"}, {"params": adapter, "name": "adapter", "lr": adapter_lr}]
+        groups = [{"params": rest, "name": "unet", **({"lr": unet_lr} if unet_lr is not None else {})}]
+        if adapter:
+            groups.append({"params": adapter, "name": "adapter", **({"lr": adapter_lr} if adapter_lr is not None else {})})
+        return [g for g in groups if g["params"]]
 
     def export(self, directory: Path, metadata: dict[str, Any]) -> None:
-        """The EMA weights: the adapter (safetensors + metadata) and the UNet in diffusers format.
+        """The EMA weights: the adapter (safetensors + metadata) and the UNet in diffusers format,
+        or its LoRA in diffusers' LoRA format (`lora/`) and, with `export.merge_lora` (always
+        when the LoRA is not on the base's UNet), the merged UNet too (`unet/`).
+        A LoRA adds `metadata["lora"]` (its settings), which the model card reads after.
         Called on every rank (FSDP gathers the shards); rank 0 writes."""
         with self.ema_weights(), self.full_weights() as write:
-            if write:
+            if not write:
+                return
+            unet = unwrap(self.unet)
+            if self.diffusion.lora is None:
                 unwrap(self.adapter).save(directory / ADAPTER_FILE, metadata)
-                unwrap(self.unet).save_pretrained(directory / "unet")
+                unet.save_pretrained(directory / "unet")
+                return
+            metadata["lora"] = {**unet_lora.lora_config_of(unet), "lr": self.diffusion.lora.lr, "on": self.lora_on}
+            unwrap(self.adapter).save(directory / ADAPTER_FILE, metadata)
+            unet_lora.save_lora(unet, directory / unet_lora.LORA_DIR, self.diffusion.base_kind)
+            if self.diffusion.merge_lora or self.lora_on != "base":
+                unet_lora.merged_copy(unet).save_pretrained(directory / "unet")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from linguadiff.models.diffusion import DiffusionLossConfig
+from linguadiff.models.lora import LoraSettings
 from linguadiff.models.losses import AlignmentLoss, ContextPart, alignment_loss_from_config
 
 
@@ -81,11 +82,17 @@ class DiffusionSettings:
     gradient_checkpointing: bool = False
     ema_decay: float = 0.9999
     ema_update_every: int = 1
+    lora: LoraSettings | None = None  # train.unet=lora: the UNet trains as a LoRA (None: full fine-tune)
+    merge_lora: bool = False  # export.merge_lora: also export the merged UNet
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "DiffusionSettings":
-        d = cfg.diffusion
-        return cls(base_kind=str(cfg.model.kind),
+        d, lo = cfg.diffusion, cfg.lora
+        lora = None
+        if cfg.train.unet == "lora":
+            lora = LoraSettings(rank=int(lo.rank), alpha=float(lo.alpha), target_modules=tuple(lo.target_modules),
+                                dropout=float(lo.dropout), lr=None if lo.lr is None else float(lo.lr))
+        return cls(base_kind=str(cfg.model.kind), lora=lora, merge_lora=bool(cfg.export.merge_lora),
                    loss=DiffusionLossConfig(d.min_snr_gamma, float(d.input_perturbation), float(d.noise_offset)),
                    val_timesteps=tuple(int(t) for t in d.val_timesteps), gradient_checkpointing=bool(d.gradient_checkpointing),
                    ema_decay=float(cfg.ema.decay), ema_update_every=int(cfg.ema.update_every))

@@ -2,7 +2,10 @@
 card, and the checks a stage makes on the export it starts from (`init_from`).
 
 An export is `run_dir/export/`: `adapter.safetensors` (weights + the metadata below), from
-stage 2 on `unet/` in diffusers format, and `README.md` (the model card).
+stage 2 on the UNet, and `README.md` (the model card). The UNet is `unet/` in diffusers format
+(a full fine-tune), or for `train.unet=lora` the LoRA in `lora/` (diffusers' LoRA format,
+applied to the base's UNet) and, with `export.merge_lora=true`, also `unet/` with the LoRA
+merged in. Where both are there, `unet/` is the whole UNet and is what generation loads.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from omegaconf import DictConfig
 
 from linguadiff.config import ConfigError
 from linguadiff.models.adapter import read_adapter_metadata
+from linguadiff.models.lora import LORA_DIR, LORA_WEIGHTS
 
 ADAPTER_FILE = "adapter.safetensors"
 # Written last into an export, which is built in a temporary folder and renamed into place:
@@ -65,6 +69,7 @@ def adapter_metadata(cfg: DictConfig) -> dict:
         "generate": {k: cfg.generate[k] for k in cfg.generate},
         "training": {
             "trainable": list(cfg.train.trainable),
+            "unet": str(cfg.train.unet) if int(cfg.stage) >= 2 else None,
             "init_from": cfg.init_from,
             "lr": float(cfg.optim.lr),
             "weight_decay": float(cfg.optim.weight_decay),
@@ -92,6 +97,7 @@ STAGE_NAMES = {1: "text-only alignment to the base's CLIP features", 2: "end-to-
 def write_model_card(directory: Path, metadata: dict, adapter: dict) -> None:
     """export/README.md: what this is, how it was trained, how to load it (from the metadata alone)."""
     has_unet = (directory / "unet").is_dir()
+    lora = metadata.get("lora")
     llm, base, train, stage = metadata["llm"], metadata["base_model"], metadata["training"], int(metadata["stage"])
     lines = [
         f"# LinguaDiff export: {base['name']} + {llm['name']} (stage {stage})",
@@ -105,8 +111,15 @@ def write_model_card(directory: Path, metadata: dict, adapter: dict) -> None:
         "",
         "- `adapter.safetensors`: the adapter; its metadata names the LLM, layers, base model and sizes.",
     ]
+    if lora:
+        on = "the base's UNet" if lora.get("on") == "base" else "the UNet of the stage-2 export it started from (init_from)"
+        lines.append(f"- `{LORA_DIR}/{LORA_WEIGHTS}`: the UNet LoRA (EMA weights) in diffusers' format, on {on}: "
+                     f"rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['target_modules'])}"
+                     + (f", learning rate {lora['lr']}" if lora.get("lr") is not None else "")
+                     + f". `pipeline.load_lora_weights(\"path/to/this/export/{LORA_DIR}\")` puts it on a pipeline of that UNet.")
     if has_unet:
-        lines.append("- `unet/`: the trained UNet (EMA weights) in diffusers format.")
+        lines.append("- `unet/`: the UNet with the LoRA merged in (EMA weights) in diffusers format." if lora else
+                     "- `unet/`: the trained UNet (EMA weights) in diffusers format.")
     lines += [
         "",
         "## Training settings",
@@ -159,9 +172,9 @@ def init_export(cfg: DictConfig, expected_stage: int) -> Path:
     meta = read_adapter_metadata(export / "adapter.safetensors")
     if meta.get("stage") != expected_stage:
         raise ConfigError(f"init_from={cfg.init_from} is a stage-{meta.get('stage')} export; stage {cfg.stage} starts from stage {expected_stage}")
-    if expected_stage >= 2 and not (export / "unet").is_dir():
-        raise ConfigError(f"init_from={cfg.init_from} is a stage-{expected_stage} export without its unet/ folder: "
-                          f"relaunch its stage-{expected_stage} run to export it again")
+    if expected_stage >= 2 and not (export / "unet").is_dir() and not (export / LORA_DIR / LORA_WEIGHTS).is_file():
+        raise ConfigError(f"init_from={cfg.init_from} is a stage-{expected_stage} export without its unet/ folder "
+                          f"(nor a {LORA_DIR}/ one): relaunch its stage-{expected_stage} run to export it again")
     return export
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from linguadiff.export import ADAPTER_FILE
 from linguadiff.models.adapter import read_adapter_metadata
+from linguadiff.models.lora import LORA_DIR, LORA_WEIGHTS, apply_export_lora
 from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.models.text_encoder import torch_dtype
 
@@ -92,9 +93,12 @@ class Generator:
                                                   trust_remote_code=trust_remote_code)
         base = meta["base_model"]
         kind, path = base["kind"], base_path or base["path"]
-        # A stage-2/3 export carries its trained UNet beside the adapter.
-        unet_dir = adapter_path.parent / "unet"
+        # A stage-2/3 export carries its trained UNet beside the adapter (unet/: the whole UNet),
+        # or a LoRA for the base's (lora/, train.unet=lora), put on with diffusers' own loader.
+        unet_dir, lora_dir = adapter_path.parent / "unet", adapter_path.parent / LORA_DIR
         pipeline = load_pipeline(kind, path, unet_dir if unet_dir.is_dir() else None, torch_dtype(dtype), base.get("revision"))
+        if not unet_dir.is_dir() and (lora_dir / LORA_WEIGHTS).is_file():
+            apply_export_lora(pipeline, lora_dir)
         pipeline.set_progress_bar_config(disable=True)
         encoder.to(device)
         pipeline.to(device)

@@ -51,6 +51,7 @@ IDENTITY_KEYS = (
     "llm.bos",  # the LLM features
     "adapter",  # its shape
     "train.trainable",  # what the checkpoint holds and the optimizer states
+    "train.unet", "lora.rank", "lora.alpha", "lora.target_modules",  # a UNet LoRA's (or the full UNet's) weights
     "diffusion.prediction_type", "loss.type", "loss.per_encoder",  # the objective
     "trainer.strategy",  # compared by family: auto and ddp save whole checkpoints, fsdp sharded ones
 )

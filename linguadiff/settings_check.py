@@ -36,6 +36,7 @@ SAMPLERS = ("dpm++", "ddim", "euler", "ddpm")  # generation.py make_scheduler
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")  # torch ShardingStrategy
 STRATEGIES = ("auto", "ddp", "fsdp")  # strategy.py
+UNET_TRAINING = ("full", "lora")  # lightning_modules/diffusion_stage.py
 MODEL_KINDS = ("demo", "sd15", "sdxl")
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float")  # text_encoder.torch_dtype
 # The stage modules' parts (children) that train.trainable and speed.compile may name.
@@ -102,6 +103,7 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     else:
         c.parts("train.trainable", trainable, parts, stage)
     c.parts("speed.compile", OmegaConf.select(cfg, "speed.compile") or [], parts, stage)
+    _check_lora(cfg, c, p, stage, trainable or [])
     c.choice("speed.compile_mode", COMPILE_MODES)
 
     # diffusion and EMA (stages 2-3; checked always: a typo is a typo)
@@ -187,6 +189,39 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
         except ConfigError as err:
             p.append(str(err))
     return p
+
+
+# ---------------------------------------------------------------------- LoRA
+
+
+def _check_lora(cfg: DictConfig, c: "_Checker", p: Problems, stage, trainable) -> None:
+    """train.unet=lora: the LoRA's shape, and where it can run (models/lora.py)."""
+    c.choice("train.unet", UNET_TRAINING)
+    c.integer("lora.rank", low=1)
+    c.number("lora.alpha", low=0, low_open=True)
+    c.number("lora.dropout", low=0, high=1, high_open=True)
+    c.number("lora.lr", low=0, low_open=True, nullable=True)
+    targets = OmegaConf.select(cfg, "lora.target_modules")
+    if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        p.append(f"config key 'lora.target_modules' must be a non-empty list of UNet layer names "
+                 f"(e.g. [to_q, to_k, to_v, to_out.0]), got {_show(targets)}")
+    merge = OmegaConf.select(cfg, "export.merge_lora")
+    if not isinstance(merge, bool):
+        p.append(f"config key 'export.merge_lora' must be true or false, got {_show(merge)}")
+    if OmegaConf.select(cfg, "train.unet") != "lora":
+        return
+    if stage not in (2, 3):
+        p.append(f"config key 'train.unet' is lora, which only stages 2 and 3 have (stage {stage} trains no UNet): "
+                 f"drop train.unet=lora")
+    elif "unet" not in trainable:
+        p.append(f"config key 'train.unet' is lora but train.trainable={_show(trainable)} does not name unet: "
+                 f"add unet to train.trainable, or drop train.unet=lora")
+    if OmegaConf.select(cfg, "trainer.strategy") == "fsdp":
+        # FSDP shards whole units whose parameters must all train or all be frozen (DESIGN.md):
+        # a LoRA puts trained and frozen weights in every attention layer. LoRA's point is a
+        # UNet that fits one GPU, where DDP (or one process) is the strategy.
+        p.append("config key 'train.unet' is lora, which does not run under strategy=fsdp (trainer.strategy=fsdp): "
+                 "use strategy=ddp, or train.unet=full with FSDP")
 
 
 # ---------------------------------------------------------------------- resolution

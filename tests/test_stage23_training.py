@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -44,6 +47,13 @@ def stage_args(world, run_dir: Path, stage: int, kind: str = "sd15", **extra) ->
 def stage1_run(world, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "stage1"
     assert train.main(stage_args(world, run_dir, 1)) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def stage1_sdxl_run(world, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "stage1-sdxl"
+    assert train.main(stage_args(world, run_dir, 1, kind="sdxl", **{"trainer.max_steps": 2})) == 0
     return run_dir
 
 
@@ -148,9 +158,8 @@ def test_stage2_refuses_an_export_made_for_another_llm(world, stage1_run, tmp_pa
     assert "its LLM is" in capsys.readouterr().err
 
 
-def test_sdxl_stage2_uses_pooled_and_time_ids(world, tmp_path):
-    stage1 = tmp_path / "stage1"
-    assert train.main(stage_args(world, stage1, 1, kind="sdxl", **{"trainer.max_steps": 2})) == 0
+def test_sdxl_stage2_uses_pooled_and_time_ids(world, stage1_sdxl_run, tmp_path):
+    stage1 = stage1_sdxl_run
     stage2 = tmp_path / "stage2"
     assert train.main(stage_args(world, stage2, 2, kind="sdxl", init_from=stage1, **{"samples.every_n_steps": 0, "trainer.max_steps": 2})) == 0
     assert (stage2 / "export" / "unet" / "config.json").is_file()
@@ -181,3 +190,157 @@ def test_presets_dtypes_stage2_samples_export_generate_evaluate(world, tmp_path,
                           "reference=none", "text=none", "num_images=1", "steps=2", "grid_prompts=2",
                           "dtype=bfloat16", "tensorboard=false"]) == 0
     assert (stage2 / "eval" / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------------- LoRA (train.unet=lora, issue 12)
+
+# A LoRA learning rate that moves the tiny UNet's output visibly in 4 steps; a constant one,
+# so that a 4-step run resumed to 6 steps can equal a 6-step run.
+LORA = {"train.unet": "lora", "lora.rank": 4, "lora.alpha": 8.0, "lora.lr": 1e-2, "samples.every_n_steps": 0,
+        "optim.schedule": "constant", "optim.warmup_steps": 0, "trainer.limit_val_batches": 0}
+
+
+class Watch(L.Callback):
+    """The module's weights when training starts and ends, and what the optimizer holds."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        self.trainable = {k for k, v in pl_module.named_parameters() if v.requires_grad}
+        by_id = {id(v): k for k, v in pl_module.named_parameters()}
+        self.in_optimizer = {by_id[id(p)] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+
+    def on_train_end(self, trainer, pl_module):
+        self.end = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def lora_run(world, stage1_run, tmp_path_factory) -> tuple[Path, Watch]:
+    """A 4-step LoRA stage 2 on the tiny SD1.5 base, exporting the merged UNet too."""
+    watch = Watch()
+    run_dir = tmp_path_factory.mktemp("lora") / "stage2"
+    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run, **{**LORA, "export.merge_lora": "true",
+                                                                             "samples.every_n_steps": 4}),
+                      extra_callbacks=(watch,)) == 0
+    return run_dir, watch
+
+
+def _unet_out(unet, kind: str) -> torch.Tensor:
+    """The UNet's prediction on one fixed input (SDXL: with fixed pooled text and size ids)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 4, 4, generator=g)
+    context = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    added = None
+    if kind == "sdxl":
+        added = {"text_embeds": torch.randn(2, 40, generator=g), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 700]), context, added_cond_kwargs=added).sample
+
+
+def check_lora_run(world, run_dir: Path, watch: Watch, kind: str, merged: bool) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from linguadiff.generation import Generator
+    from linguadiff.models.lora import LORA_DIR, LORA_WEIGHTS, is_lora_name
+
+    # Only the UNet's LoRA weights and the adapter train, and they are all the optimizer holds.
+    lora = {k for k in watch.start if k.startswith("unet.") and is_lora_name(k)}
+    adapter = {k for k in watch.start if k.startswith("adapter.")}
+    assert lora and watch.trainable == watch.in_optimizer == lora | adapter
+    # The frozen UNet is bit for bit the base's; the LoRA (B starts at zero) and the adapter moved.
+    assert all(torch.equal(watch.start[k], watch.end[k]) for k in watch.start if k not in lora | adapter)
+    assert all(not torch.equal(watch.start[k], watch.end[k]) for k in lora if ".lora_B." in k)
+    assert any(not torch.equal(watch.start[k], watch.end[k]) for k in adapter)
+    losses = [v for _, v in scalars(run_dir, "train/loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+    # The checkpoint holds the trained weights only: every LoRA weight, no base UNet weight.
+    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert set(ckpt["state_dict"]) == lora | adapter
+    trained_bytes = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+    assert ckpt_path.stat().st_size < 4 * trained_bytes + 200_000  # weights, AdamW's 2 moments, the EMA; bookkeeping
+
+    # The export: diffusers' LoRA file (EMA weights) that load_lora_weights puts on a plain
+    # pipeline of the base; its UNet gives what our generation path's UNet gives.
+    export = run_dir / "export"
+    assert (export / LORA_DIR / LORA_WEIGHTS).is_file() and (export / "unet").is_dir() == merged
+    meta = read_adapter_metadata(export / "adapter.safetensors")
+    assert meta["training"]["unet"] == "lora" and meta["lora"]["rank"] == 4 and meta["lora"]["alpha"] == 8.0
+    exported = load_file(export / LORA_DIR / LORA_WEIGHTS)
+    assert len(exported) == len(lora) and all(k.startswith("unet.") for k in exported)
+    raw_b = [v for k, v in ckpt["state_dict"].items() if ".lora_B." in k]
+    assert not any(torch.equal(v, e) for v in raw_b for e in exported.values())  # the EMA, not the raw weights
+
+    if kind == "sdxl":
+        plain = StableDiffusionXLPipeline.from_pretrained(world[kind])
+    else:
+        plain = StableDiffusionPipeline.from_pretrained(world[kind], safety_checker=None, requires_safety_checker=False)
+    base_out = _unet_out(plain.unet, kind)
+    plain.load_lora_weights(export / LORA_DIR)
+    lora_out = _unet_out(plain.unet, kind)
+    ours = Generator.from_run(run_dir, device="cpu", dtype="float32")  # merged: unet/; else the base + lora/
+    assert (lora_out - base_out).abs().max() > 1e-3  # the LoRA does change the UNet
+    # Equal up to fp32 rounding (the merged UNet adds B @ A into the weights once).
+    torch.testing.assert_close(_unet_out(ours.pipeline.unet, kind), lora_out, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_stage2_sd15_trains_only_lora_and_adapter_and_exports_for_diffusers(world, lora_run):
+    check_lora_run(world, *lora_run, kind="sd15", merged=True)
+    assert (lora_run[0] / "samples" / "step00000004.png").is_file()  # the grid draws with the LoRA'd UNet
+
+
+def test_lora_stage2_sdxl_exports_a_lora_that_generate_draws_with(world, stage1_sdxl_run, tmp_path):
+    watch, stage2 = Watch(), tmp_path / "stage2"
+    assert train.main(stage_args(world, stage2, 2, kind="sdxl", init_from=stage1_sdxl_run, **LORA), extra_callbacks=(watch,)) == 0
+    check_lora_run(world, stage2, watch, kind="sdxl", merged=False)
+    out = tmp_path / "out"
+    assert generate.main([f"run_dir={stage2}", "prompt=a red circle", "num_images=1", "steps=2", f"out_dir={out}"]) == 0
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_lora_resume_restores_the_lora_exactly_and_continues(world, stage1_run, lora_run, tmp_path):
+    run_dir = tmp_path / "stage2"
+    shutil.copytree(lora_run[0], run_dir)
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    watch = Watch()
+    args = {**LORA, "export.merge_lora": "true", "trainer.max_steps": 6}
+    assert train.main(stage_args(world, run_dir, 2, init_from=stage1_run, **args), extra_callbacks=(watch,)) == 0
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # The resumed run starts from exactly the checkpoint's LoRA and adapter weights, and goes on.
+    assert all(torch.equal(watch.start[k], v) for k, v in first["state_dict"].items())
+    assert first["global_step"] == 4 and second["global_step"] == 6 and second["ema"]["updates"] == 6
+    steps = [s for s, _ in scalars(run_dir, "train/loss")]
+    assert len(steps) == len(set(steps)) == 6
+    assert any(not torch.equal(second["state_dict"][k], v) for k, v in first["state_dict"].items() if ".lora_B." in k)
+
+
+def test_lora_stage3_continues_the_stage2_lora(world, lora_run, tmp_path):
+    from linguadiff.models.lora import LORA_DIR, LORA_WEIGHTS
+
+    stage2 = lora_run[0]
+    stage3 = tmp_path / "stage3"
+    # Another rank in the config: stage 3 continues the stage-2 LoRA as it is (and logs so).
+    assert train.main(stage_args(world, stage3, 3, init_from=stage2, **{**LORA, "lora.rank": 2})) == 0
+    l2, l3 = load_file(stage2 / "export" / LORA_DIR / LORA_WEIGHTS), load_file(stage3 / "export" / LORA_DIR / LORA_WEIGHTS)
+    assert l2.keys() == l3.keys() and all(l2[k].shape == l3[k].shape for k in l2)
+    assert any(not torch.equal(l2[k], l3[k]) for k in l2)
+    assert read_adapter_metadata(stage3 / "export" / "adapter.safetensors")["lora"]["on"] == "base"
+    assert not (stage3 / "export" / "unet").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"stage": 1, "train.unet": "lora"}, "config key 'train.unet' is lora, which only stages 2 and 3 have"),
+        ({"train.unet": "lora", "strategy": "fsdp"}, "does not run under strategy=fsdp"),
+        ({"train.unet": "lora", "train.trainable": "[adapter]"}, "does not name unet"),
+        ({"train.unet": "partial"}, "config key 'train.unet' must be one of full | lora"),
+        ({"train.unet": "lora", "lora.rank": 0}, "config key 'lora.rank' must be an integer >= 1"),
+        ({"train.unet": "lora", "lora.target_modules": "[]"}, "config key 'lora.target_modules' must be a non-empty list"),
+        ({"train.unet": "lora", "lora.target_modules": "[no_such_layer]"}, "config key 'lora.target_modules'=['no_such_layer'] matches no layer"),
+    ],
+)
+def test_lora_settings_errors_name_the_key(world, stage1_run, tmp_path, capsys, extra, message):
+    stage = extra.pop("stage", 2)
+    assert train.main(stage_args(world, tmp_path / "run", stage, init_from=stage1_run, **extra)) == 2
+    assert message in capsys.readouterr().err
