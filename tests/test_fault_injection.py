@@ -155,7 +155,8 @@ def test_killed_and_relaunched_run_ends_bit_identical(world, stage1_run, tmp_pat
     time.sleep(rng.uniform(0.0, 0.3))
     run.signal(signal.SIGUSR1)
     assert run.finish() == 0, run.output[-4000:]
-    assert "stopping at step" in run.output, run.output[-4000:]
+    assert "stopping at step" in run.output and "Not under SLURM" in run.output, run.output[-4000:]
+    assert not (run_dir / "export").exists()  # unfinished: nothing exported
     log.append("SIGUSR1 after 'step 10/'")
     # 4. A truncated last.ckpt (a disk that filled up), then SIGKILL near the end.
     with open(last, "rb+") as f:

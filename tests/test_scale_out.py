@@ -74,8 +74,9 @@ def _keys_per_rank(probe: Path) -> list[list[str]]:
 # ---------------------------------------------------------------------- DDP
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_ddp_on_cpu_gives_each_sample_to_one_rank(world, stage1_run, tmp_path, stage):
+def test_ddp_on_cpu_gives_each_sample_to_one_rank(world, stage1_run, tmp_path, stage=2):
+    """Real DDP ranks (gloo) on the image-text stream; the text stream shares the split
+    (ShardStream), checked in-process in tests/test_text_shards.py and tests/test_buckets.py."""
     steps, batch = 5, 8
     extra = {"strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": steps, "data.batch_size": batch,
              "trainer.val_check_interval": steps, "checkpoint.every_n_steps": steps, "samples.every_n_steps": 0}
