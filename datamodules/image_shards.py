@@ -397,21 +397,32 @@ class ImageTextDecoder:
         random: the json filters and caption checks (as `__call__` makes them, so a sample
         rejected here is counted under the same reason), then the cached crop's size or the
         image header's. Raises BadSample."""
+        meta, _, size, _ = self._checked_meta(raw)
+        if MOMENTS in raw or PIXELS in raw:
+            return self._cached_target(meta)
+        image = self._open_checked(raw, size)
+        return self.target_size(image.height, image.width)
+
+    def _checked_meta(self, raw: Mapping[str, Any]) -> tuple[dict, float, tuple[int, int] | None, dict[str, list[str]]]:
+        """The json's filters (aesthetic score, recorded size) and the captions: (meta, score,
+        recorded size or None, captions). Raises BadSample."""
         meta = read_json(raw["json"]) if "json" in raw else {}
-        self._check_aesthetic(aesthetic_score(meta))
+        score = aesthetic_score(meta)
+        self._check_aesthetic(score)
         size = recorded_size(meta)
         if size is not None:
             self._check_size(size)
-        caption_candidates(raw, meta)
-        if MOMENTS in raw or PIXELS in raw:
-            return self._cached_target(meta)
+        return meta, score, size, caption_candidates(raw, meta)
+
+    def _open_checked(self, raw: Mapping[str, Any], size: tuple[int, int] | None) -> Image.Image:
+        """The sample's image, opened (header checks) and, without a recorded size, size-checked."""
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if extension is None:
             raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
         image = open_image(raw[extension], self.max_pixels)
         if size is None:
             self._check_size((image.height, image.width))
-        return self.target_size(image.height, image.width)
+        return image
 
     def _cached_target(self, meta: Mapping[str, Any]) -> tuple[int, int]:
         """The size a cached crop was made at, if this run trains at it (else `cache_mismatch`).
@@ -428,13 +439,7 @@ class ImageTextDecoder:
         return target
 
     def __call__(self, raw: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
-        meta = read_json(raw["json"]) if "json" in raw else {}
-        score = aesthetic_score(meta)
-        self._check_aesthetic(score)
-        size = recorded_size(meta)
-        if size is not None:
-            self._check_size(size)
-        captions = caption_candidates(raw, meta)
+        meta, score, size, captions = self._checked_meta(raw)
         caption, lang = self._choose_caption(captions, rng)
         if MOMENTS in raw or PIXELS in raw:
             example = self._cached_example(raw, meta)
@@ -477,12 +482,7 @@ class ImageTextDecoder:
         return example
 
     def _image_example(self, raw: Mapping[str, Any], size: tuple[int, int] | None, rng: random.Random) -> dict[str, Any]:
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if extension is None:
-            raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member")
-        image = open_image(raw[extension], self.max_pixels)
-        if size is None:
-            self._check_size((image.height, image.width))
+        image = self._open_checked(raw, size)
         flip = self.train and self.random_flip and rng.random() < 0.5
         target = self.target_size(image.height, image.width)
         crop = cover_crop(image, target, rng if self.train and self.random_crop else None, flip)
