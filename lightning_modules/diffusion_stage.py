@@ -15,7 +15,7 @@ both stages are this one module; stage N starts from a stage-(N-1) export (`init
 stage 2 from the stage-1 adapter and the base's UNet, stage 3 from the stage-2 EMA adapter
 and EMA UNet.
 
-`train.unet=lora` (issue 12) trains a LoRA beside the frozen UNet instead of the UNet itself
+`train.unet=lora` trains a LoRA beside the frozen UNet instead of the UNet itself
 (models/lora.py): only the LoRA weights and the adapter train, sit in the optimizer and the
 EMA, and are checkpointed. Where the UNet starts (`unet_for`): stage 2 puts a fresh LoRA on
 the base's UNet. Stage 3 from a LoRA stage-2 export continues that same LoRA (its rank, alpha

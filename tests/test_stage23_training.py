@@ -192,7 +192,7 @@ def test_presets_dtypes_stage2_samples_export_generate_evaluate(world, tmp_path,
     assert (stage2 / "eval" / "metrics.json").is_file()
 
 
-# ---------------------------------------------------------------------- LoRA (train.unet=lora, issue 12)
+# ---------------------------------------------------------------------- LoRA (train.unet=lora)
 
 # A LoRA learning rate that moves the tiny UNet's output visibly in 4 steps; a constant one,
 # so that a 4-step run resumed to 6 steps can equal a 6-step run.
