@@ -181,34 +181,36 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def readme(args, params: int, train_s: float, figures: dict) -> str:
-    return f"""# The demo's tiny CLIP
-
-A transformers `CLIPModel` + `CLIPProcessor` that `evaluate.py` uses for the CLIP scores and
-CLIP image embeddings of demo runs (runs on the committed demo base), in place of a random
-stand-in. Written by `scripts/make_demo_clip.py` (seed {args.seed}, {args.steps} steps of batch
-{args.batch_size}, {train_s / 60:.1f} min on {args.threads} CPU thread(s)), contrastively on
-the demo's own 16 px pictures and English captions. {params / 1e6:.2f}M parameters: vision
-tower {args.image_size} px in {args.patch} px patches, text tower on the demo base's CLIP
-tokenizer, both {args.layers} layers of width {args.width}, projection {args.projection}.
-
-It knows coloured shapes and the words of the demo's English captions, nothing else: its
-scores compare demo runs with each other, never with a real CLIP's.
-
-Held out ({figures['images']} freshly rendered pictures, seed {args.eval_seed}, every colour x
-shape alike), against the 12 plain captions "a COLOUR SHAPE":
-
-| measure | value |
-|---|---|
-| right caption ranked first (of 12) | {figures['retrieval_accuracy']:.1%} |
-| right colour in the first-ranked caption | {figures['colour_accuracy']:.1%} |
-| right shape in the first-ranked caption | {figures['shape_accuracy']:.1%} |
-| CLIP score, matching caption | {figures['clip_score_matching']:.1f} |
-| CLIP score, the 11 mismatched captions (mean) | {figures['clip_score_mismatched']:.1f} |
-| CLIP score, same shape, other colour | {figures['clip_score_other_colour']:.1f} |
-| CLIP score, same colour, other shape | {figures['clip_score_other_shape']:.1f} |
-
-(CLIP score: 100 x cosine, torchmetrics' definition before its clamp at 0.)
-"""
+    return "\n".join([
+        "# The demo's tiny CLIP",
+        "",
+        "A transformers `CLIPModel` + `CLIPProcessor` that `evaluate.py` uses for the CLIP scores and CLIP",
+        "image embeddings of runs on the committed demo base, in place of a random stand-in.",
+        f"Written by `scripts/make_demo_clip.py`: seed {args.seed}, {args.steps} steps of batch {args.batch_size}, "
+        f"{train_s / 60:.1f} min on {args.threads} CPU thread(s),",
+        "contrastively on the demo's own 16 px pictures and English captions.",
+        f"{params / 1e6:.2f}M parameters: vision tower {args.image_size} px in {args.patch} px patches, text tower on "
+        f"the demo base's CLIP tokenizer, both {args.layers} layers of width {args.width}, projection {args.projection}.",
+        "",
+        "It knows coloured shapes and the words of the demo's English captions, nothing else: its scores",
+        "compare demo runs with each other, never with a real CLIP's.",
+        "",
+        f"Held out: {figures['images']} freshly rendered pictures (seed {args.eval_seed}, every colour x shape alike), "
+        "each against the 12 plain captions \"a COLOUR SHAPE\":",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| right caption ranked first (of 12) | {figures['retrieval_accuracy']:.1%} |",
+        f"| right colour in the first-ranked caption | {figures['colour_accuracy']:.1%} |",
+        f"| right shape in the first-ranked caption | {figures['shape_accuracy']:.1%} |",
+        f"| CLIP score, matching caption | {figures['clip_score_matching']:.1f} |",
+        f"| CLIP score, the 11 mismatched captions (mean) | {figures['clip_score_mismatched']:.1f} |",
+        f"| CLIP score, same shape, other colour | {figures['clip_score_other_colour']:.1f} |",
+        f"| CLIP score, same colour, other shape | {figures['clip_score_other_shape']:.1f} |",
+        "",
+        "(CLIP score: 100 x cosine, torchmetrics' definition before its clamp at 0.)",
+        "",
+    ])
 
 
 if __name__ == "__main__":
