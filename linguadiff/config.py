@@ -254,7 +254,8 @@ def _text_encoder_defaults(cfg: DictConfig, override_cfg: DictConfig, stage: int
         found = export_text_encoder(init_from) if isinstance(init_from, str) and init_from else None
         if found is not None:
             cfg.text_encoder = found
-    if OmegaConf.select(cfg, "text_encoder") == "clip" and OmegaConf.select(override_cfg, "train.trainable") is None:
+    if (stage in (2, 3) and OmegaConf.select(cfg, "text_encoder") == "clip"
+            and OmegaConf.select(override_cfg, "train.trainable") is None):
         cfg.train.trainable = [part for part in cfg.train.trainable if part != "adapter"]
 
 

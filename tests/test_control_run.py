@@ -163,7 +163,7 @@ def test_control_stage3_continues_with_clip_and_resume_may_not_switch(world, sd1
     # A resume may not switch the text encoder: the control's run_dir relaunched as an LLM run.
     assert train.main(args + ["text_encoder=llm", "trainer.max_steps=3"]) == 2
     err = capsys.readouterr().err
-    assert "text_encoder='clip'" in err and "a resume may not change it" in err
+    assert "text_encoder=clip" in err and "a resume may not change it" in err
 
 
 def test_control_lora_trains_only_the_lora_and_generate_draws_with_it(world, tmp_path):
