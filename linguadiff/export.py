@@ -289,7 +289,7 @@ def init_export(cfg: DictConfig, expected_stage: int) -> Path:
     if not (export / ADAPTER_FILE).is_file() and not (export / METADATA_FILE).is_file():
         raise ConfigError(
             f"init_from={cfg.init_from} has no export/adapter.safetensors"
-            + (f" (nor a control run's export/{METADATA_FILE})" if expected_stage >= 2 else "")
+            + (f" (nor a control run's export/{METADATA_FILE})" if cfg.get("text_encoder") == "clip" else "")
             + f": has its stage-{expected_stage} run finished? (export happens at the end of training)"
         )
     if not export_complete(export):
