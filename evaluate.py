@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         from evaluation.report import comparison_table, run_names
         from evaluation.runner import (BASE_RUN, EvalSettings, SharedTools, all_on_demo_base, evaluate_base, evaluate_run,
                                        resolve_base)
-        from linguadiff.generation import find_adapter, resolve_device
+        from linguadiff.export import find_export
+        from linguadiff.generation import resolve_device
 
         run_dirs = [item for item in items if item != BASE_RUN]
         for run_dir in run_dirs:
-            find_adapter(run_dir)  # every run must have finished before any is measured
+            find_export(run_dir)  # every run (LLM or CLIP control) must have finished before any is measured
         settings = EvalSettings.from_args(args, *resolve_device(args["device"], args["dtype"]))
         base = resolve_base(settings, run_dirs) if BASE_RUN in items else None
         if base is not None:

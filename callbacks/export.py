@@ -47,7 +47,7 @@ class RunExport(L.Callback):
             self._export(trainer, pl_module)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metadata = stamped(self.metadata, trainer.global_step, pl_module.prompt_encoder.tokenizer.bos_id)
+        metadata = stamped(self.metadata, trainer.global_step, getattr(pl_module.prompt_encoder.tokenizer, "bos_id", None))
         partial = self.export_dir.with_name(f".{self.export_dir.name}.partial")
         if trainer.is_global_zero:
             log.info("Exporting stage %d (step %d) to %s", metadata["stage"], trainer.global_step, self.export_dir)
@@ -56,7 +56,8 @@ class RunExport(L.Callback):
             partial.mkdir(parents=True)
         pl_module.export(partial, metadata)  # on every rank: FSDP gathers shards for rank 0, which writes
         if trainer.is_global_zero:
-            write_model_card(partial, metadata, unwrap(pl_module.adapter).config)
+            adapter = getattr(pl_module, "adapter", None)  # None: a control run (text_encoder=clip)
+            write_model_card(partial, metadata, None if adapter is None else unwrap(adapter).config)
             mark_complete(partial, trainer.global_step)
             old = self.export_dir.with_name(f".{self.export_dir.name}.old")
             if old.exists():

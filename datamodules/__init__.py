@@ -9,6 +9,7 @@ on one sample's untrusted contents), `tar_reading` (shards -> raw samples),
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import DictConfig
@@ -94,6 +95,11 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
         from linguadiff.buckets import configured_buckets
         from linguadiff.settings_check import resolution_multiple
 
+        # A control run (the base's own CLIP) never reads cached LLM states; cached latents it does.
+        control = cfg.get("text_encoder") == "clip"
+        if control:
+            logging.getLogger(__name__).info("text_encoder=clip: the base's CLIP encodes every caption; LLM states "
+                                             "cached in the shards (if any) are not read, cached latents are")
         datamodule = ImageTextDataModule(
             resolution=cfg.model.resolution,
             caption_dropout=d.caption_dropout,
@@ -101,7 +107,7 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
             random_flip=d.random_flip,
             min_size=d.min_size,
             min_aesthetic=d.min_aesthetic,
-            llm_signature=llm_signature(cfg.llm),
+            llm_signature=None if control else llm_signature(cfg.llm),
             buckets=configured_buckets(d, cfg.model.resolution, resolution_multiple(cfg.model)[0]),
             **common,
         )

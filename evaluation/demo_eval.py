@@ -11,6 +11,7 @@ back from the pixels), which stage 3 should raise.
 `heldout_per_prompt` seeds each: does the text side read wording it never saw?
 
     python -m evaluation.demo_eval run_dir=runs/stage1            # LLM + adapter, every language
+    python -m evaluation.demo_eval run_dir=runs/control2          # a CLIP control run (text_encoder=clip)
     python -m evaluation.demo_eval base_only=true                    # the base with its own CLIP, every language
 """
 from __future__ import annotations
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         generator = Generator.from_run(args["run_dir"])
         results = colour_accuracy(generator, per_prompt=args["per_prompt"], seed=args["seed"], **draw)
-        title, out = f"{args['run_dir']} (LLM + adapter)", Path(args["run_dir"]) / "eval" / "colour_accuracy.json"
+        what = "the base's own CLIP, a control run" if generator.metadata.get("text_encoder") == "clip" else "LLM + adapter"
+        title, out = f"{args['run_dir']} ({what})", Path(args["run_dir"]) / "eval" / "colour_accuracy.json"
     print(format_table(results, title))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,8 @@ from evaluation.image_features import FID_FEATURES, DistributionDistance, featur
 from evaluation.references import reference_batches
 from evaluation.report import GRID_FILE, Report, write_tensorboard
 from evaluation.text_alignment import held_out_text_metrics
-from linguadiff.generation import Generator, find_adapter, require_on_this_machine
-from linguadiff.models.adapter import read_adapter_metadata
+from linguadiff.export import find_export, read_export_metadata
+from linguadiff.generation import Generator, require_on_this_machine
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,8 @@ def run_header(run_dir: Path, generator: Generator, settings: EvalSettings) -> d
     meta = generator.metadata
     return {
         "run_dir": str(run_dir), "stage": meta.get("stage"), "global_step": meta.get("global_step"),
-        "base_model": meta.get("base_model", {}).get("name"), "llm": meta.get("llm", {}).get("name"),
+        "base_model": meta.get("base_model", {}).get("name"), "llm": (meta.get("llm") or {}).get("name"),
+        "text_encoder": meta.get("text_encoder", "llm"),
         "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "settings": settings.describe(),
         "sampling": {name: getattr(settings, name) if getattr(settings, name) is not None else generator.defaults.get(name)
                      for name in ("scheduler", "steps", "guidance")},
@@ -445,7 +446,7 @@ class BaseModel:
 
 def all_on_demo_base(run_dirs: list[Path], base: BaseModel | None) -> bool:
     """Every run of the call (and the base row, if any) is on the demo base, as its export says."""
-    kinds = [str(read_adapter_metadata(find_adapter(run_dir))["base_model"]["kind"]) for run_dir in run_dirs]
+    kinds = [str(read_export_metadata(find_export(run_dir))["base_model"]["kind"]) for run_dir in run_dirs]
     if base is not None:
         kinds.append(base.kind)
     return bool(kinds) and all(kind == "demo" for kind in kinds)
@@ -475,7 +476,7 @@ def resolve_base(settings: EvalSettings, run_dirs: list[Path]) -> BaseModel:
 
     Drawing defaults come from the first run's export, so the base is drawn exactly as the
     runs beside it; without runs, from the configs of the base's kind."""
-    metas = [read_adapter_metadata(find_adapter(run_dir)) for run_dir in run_dirs]
+    metas = [read_export_metadata(find_export(run_dir)) for run_dir in run_dirs]
     named = sorted({(str(m["base_model"]["path"]), m["base_model"].get("revision")) for m in metas}, key=str)
     if settings.base:
         path, revision = settings.base, None
@@ -525,7 +526,13 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, tools: SharedTools) -> R
     generator = Generator.from_run(run_dir, device=settings.device, dtype=settings.dtype, base_path=settings.base,
                                    llm_path=settings.llm, trust_remote_code=settings.trust_remote_code)
     report = Report(run_dir, header=run_header(run_dir, generator, settings))
-    return _evaluate(generator, report, load_run_config(run_dir), settings, tools, started)
+    skip_text = (CONTROL_SKIPS_TEXT if generator.metadata.get("text_encoder") == "clip" else None)
+    return _evaluate(generator, report, load_run_config(run_dir), settings, tools, started, skip_text)
+
+
+# A control run (text_encoder=clip) draws with the base's own CLIP, as the base does.
+CONTROL_SKIPS_TEXT = ("a control run (text_encoder=clip) encodes with the base's own CLIP: the text measures compare "
+                      "an encoder with that very CLIP, nothing to measure")
 
 
 def _evaluate(generator: Generator, report: Report, cfg: DictConfig | None, settings: EvalSettings, tools: SharedTools,

@@ -22,6 +22,12 @@ the base's UNet. Stage 3 from a LoRA stage-2 export continues that same LoRA (it
 and targets; the export stays one LoRA on the base); from a full stage-2 export it puts a
 fresh LoRA on that export's UNet, and then exports the merged UNet as well (the LoRA alone
 would not fit the base). A full stage 3 from a LoRA export starts from the merged UNet.
+
+`text_encoder=clip` is the control run (ELLA's control for an LLM connector): the base's own
+frozen CLIP (models/clip_teacher.py, in the SDXL pipeline's own one-window form) takes the
+place of the LLM + adapter, and only the UNet (or its LoRA) trains, on the same data, schedule
+and seed. Stage 2 starts from the base itself; stage 3 from a control's stage-2 export. Its
+export is the UNet and a metadata file (export.METADATA_FILE), no adapter.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from lightning_modules.base import StageModule
 from lightning_modules.ema import EMA
 from lightning_modules.settings import DiffusionSettings, StageSettings
 from linguadiff.distributed import unwrap
-from linguadiff.export import ADAPTER_FILE, check_handoff, init_export
+from linguadiff.export import ADAPTER_FILE, check_handoff, init_export, read_export_metadata, write_export_metadata
+from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 from linguadiff.models import lora as unet_lora
 from linguadiff.models.adapter import QueryAdapter
 from linguadiff.models.diffusion import (
@@ -59,14 +66,20 @@ class DiffusionStage(StageModule):
     #: parts FSDP leaves whole (called through vae.encode, not forward; linguadiff/strategy.py)
     fsdp_ignored = ("vae",)
 
-    def __init__(self, settings: StageSettings, diffusion: DiffusionSettings, prompt_encoder: PromptEncoder,
+    def __init__(self, settings: StageSettings, diffusion: DiffusionSettings, prompt_encoder: PromptEncoder | CLIPTeacher,
                  unet, vae, noise_scheduler, lora_on: str = "base") -> None:
         """`lora_on` (train.unet=lora): what UNet the LoRA applies to, "base" (the base model's)
-        or "init_from" (a full stage-2 export's). A `unet` without a LoRA gets a fresh one."""
+        or "init_from" (a full stage-2 export's). A `unet` without a LoRA gets a fresh one.
+        `prompt_encoder`: the LLM + adapter, or for a control run the base's own CLIP (it is
+        then the `text_encoder` part, and there is no adapter)."""
         super().__init__(settings)
         self.diffusion = diffusion
-        self.text_encoder = prompt_encoder.text_encoder
-        self.adapter = prompt_encoder.adapter
+        if isinstance(prompt_encoder, CLIPTeacher):
+            self.text_encoder = prompt_encoder
+            self.adapter = None
+        else:
+            self.text_encoder = prompt_encoder.text_encoder
+            self.adapter = prompt_encoder.adapter
         self.unet = unet
         self.vae = vae
         self.noise_scheduler = noise_scheduler
@@ -86,9 +99,11 @@ class DiffusionStage(StageModule):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "DiffusionStage":
         """The previous stage's export (`init_from`), the LLM, and the base's diffusion parts."""
+        if cfg.text_encoder == "clip":
+            return cls.control_from_config(cfg)
         export = init_export(cfg, int(cfg.stage) - 1)
+        check_handoff(cfg, read_export_metadata(export), export)  # a control's export has no adapter to load
         adapter, meta = QueryAdapter.from_file(export / ADAPTER_FILE)
-        check_handoff(cfg, meta, export)
         text_encoder = LLMTextEncoder.from_settings(cfg.llm, device=llm_device(cfg))
         m = cfg.model
         diffusion = DiffusionSettings.from_config(cfg)
@@ -97,6 +112,30 @@ class DiffusionStage(StageModule):
         scheduler = load_noise_scheduler(m.path, cfg.diffusion.prediction_type, m.revision)
         log.info("Stage %d starts from %s (stage-%d export, step %s)", cfg.stage, export, meta["stage"], meta.get("global_step"))
         return cls(StageSettings.from_config(cfg), diffusion, PromptEncoder(text_encoder, adapter), unet, vae, scheduler, lora_on)
+
+    @classmethod
+    def control_from_config(cls, cfg: DictConfig) -> "DiffusionStage":
+        """A control run (text_encoder=clip): the base's own CLIP, frozen, in model.dtype; the
+        base's UNet (stage 2) or a control's stage-2 export's (stage 3)."""
+        m = cfg.model
+        diffusion = DiffusionSettings.from_config(cfg)
+        if int(cfg.stage) == 2:
+            unet, lora_on, start = load_unet(m.path, revision=m.revision), "base", f"the base {m.path}"
+        else:
+            export = init_export(cfg, 2)
+            check_handoff(cfg, read_export_metadata(export), export)
+            (unet, lora_on), start = cls.unet_for(cfg, export, diffusion), f"{export} (a control's stage-2 export)"
+        clip = CLIPTeacher(m.path, teacher_kind(m.kind), dtype=m.dtype, windows=1)
+        vae = load_vae(m.path, m.kind, m.dtype, m.revision)
+        scheduler = load_noise_scheduler(m.path, cfg.diffusion.prediction_type, m.revision)
+        log.info("Stage %d control run: the base's own frozen CLIP (text_encoder=clip), the UNet starts from %s",
+                 cfg.stage, start)
+        return cls(StageSettings.from_config(cfg), diffusion, clip, unet, vae, scheduler, lora_on)
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder | CLIPTeacher:
+        """The LLM + adapter, or a control run's CLIP: both give `encode`, `condition` and `tokenizer`."""
+        return self.text_encoder if self.adapter is None else super().prompt_encoder
 
     @staticmethod
     def unet_for(cfg: DictConfig, export: Path, diffusion: DiffusionSettings):
@@ -124,6 +163,7 @@ class DiffusionStage(StageModule):
         return unet, "base"
 
     def tokenizers(self) -> dict[str, Any]:
+        """Run in the data workers: the LLM's tokenizer (a control run: CLIP's)."""
         return {"student": self.text_encoder.tokenizer}
 
     def apply_trainable(self) -> None:
@@ -215,7 +255,7 @@ class DiffusionStage(StageModule):
         adapter_lr = self.settings.optim.adapter_lr
         lora = self.diffusion.lora
         unet_lr = lora.lr if lora is not None else None
-        adapter = [p for p in self.adapter.parameters() if p.requires_grad]
+        adapter = [p for p in self.adapter.parameters() if p.requires_grad] if self.adapter is not None else []
         if unet_lr is None and (adapter_lr is None or not adapter):
             return super().param_groups()
         adapter_ids = {id(p) for p in adapter}
@@ -236,14 +276,21 @@ class DiffusionStage(StageModule):
                 return
             unet = unwrap(self.unet)
             if self.diffusion.lora is None:
-                unwrap(self.adapter).save(directory / ADAPTER_FILE, metadata)
+                self.save_text_side(directory, metadata)
                 unet.save_pretrained(directory / "unet")
                 return
             metadata["lora"] = {**unet_lora.lora_config_of(unet), "lr": self.diffusion.lora.lr, "on": self.lora_on}
-            unwrap(self.adapter).save(directory / ADAPTER_FILE, metadata)
+            self.save_text_side(directory, metadata)
             unet_lora.save_lora(unet, directory / unet_lora.LORA_DIR, self.diffusion.base_kind)
             if self.diffusion.merge_lora or self.lora_on != "base":
                 unet_lora.merged_copy(unet).save_pretrained(directory / "unet")
+
+    def save_text_side(self, directory: Path, metadata: dict[str, Any]) -> None:
+        """The adapter with the metadata in its header; a control run (no adapter) the metadata file."""
+        if self.adapter is None:
+            write_export_metadata(directory, metadata)
+        else:
+            unwrap(self.adapter).save(directory / ADAPTER_FILE, metadata)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

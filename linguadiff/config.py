@@ -232,8 +232,31 @@ def load_config(argv: Sequence[str] = (), defaults: dict[str, str] | None = None
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    _text_encoder_defaults(cfg, override_cfg, stage)
     cfg.presets = {g: choices.get(g) for g in PRESET_GROUPS}
     return cfg
+
+
+def _text_encoder_defaults(cfg: DictConfig, override_cfg: DictConfig, stage: int) -> None:
+    """What `text_encoder` changes in the defaults.
+
+    A stage 3 continues with the text encoder of the stage-2 export it starts from (a CLIP
+    control stays a control) unless the command line names one. A `text_encoder=clip` run has
+    no adapter: the stage file's `train.trainable` loses it (a command line's own list is
+    left as given, for the settings check to judge)."""
+    if stage == 3 and "text_encoder" not in override_cfg:
+        from linguadiff.export import export_text_encoder  # export imports this module
+
+        try:
+            init_from = OmegaConf.select(cfg, "init_from")
+        except Exception:  # noqa: BLE001 - an interpolation not resolvable yet: init_export reports it later
+            init_from = None
+        found = export_text_encoder(init_from) if isinstance(init_from, str) and init_from else None
+        if found is not None:
+            cfg.text_encoder = found
+    if (stage in (2, 3) and OmegaConf.select(cfg, "text_encoder") == "clip"
+            and OmegaConf.select(override_cfg, "train.trainable") is None):
+        cfg.train.trainable = [part for part in cfg.train.trainable if part != "adapter"]
 
 
 def resolve(cfg: DictConfig) -> DictConfig:

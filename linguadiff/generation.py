@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from linguadiff.export import ADAPTER_FILE
-from linguadiff.models.adapter import read_adapter_metadata
+from linguadiff.export import ADAPTER_FILE, METADATA_FILE, find_export, read_export_metadata
 from linguadiff.models.lora import LORA_DIR, LORA_WEIGHTS, apply_export_lora
 from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.models.text_encoder import torch_dtype
@@ -45,11 +44,16 @@ def make_scheduler(name: str, config: dict[str, Any]):
 
 
 def find_adapter(path: str | Path) -> Path:
-    """`path` may be the adapter file, an export folder or a run_dir."""
+    """`path` may be the adapter file, an export folder or a run_dir. A control run's export
+    (text_encoder=clip) has no adapter, and says so (`find_export` finds either kind)."""
     path = Path(path).expanduser()
     for candidate in (path, path / ADAPTER_FILE, path / "export" / ADAPTER_FILE):
-        if candidate.is_file():
+        if candidate.is_file() and candidate.name != METADATA_FILE:
             return candidate
+    for candidate in (path, path / METADATA_FILE, path / "export" / METADATA_FILE):
+        if candidate.is_file() and candidate.name == METADATA_FILE:
+            raise FileNotFoundError(f"{path} is a control run's export (text_encoder=clip: the base's own CLIP, "
+                                    f"no adapter): it has no {ADAPTER_FILE}")
     raise FileNotFoundError(
         f"no {ADAPTER_FILE} at {path} (nor in {path / 'export'}): has that run finished? "
         "Export happens at the end of training."
@@ -60,7 +64,7 @@ def find_adapter(path: str | Path) -> Path:
 class Generator:
     """A text encoder (``encode(prompts) -> {"context", "pooled"}``) + the base's diffusion pipeline."""
 
-    encoder: Any  # a PromptEncoder (LLM + adapter), or the base's own CLIP (CLIPTeacher) for reference
+    encoder: Any  # a PromptEncoder (LLM + adapter), or the base's own CLIP (CLIPTeacher: the base, a control run)
     pipeline: Any
     kind: str
     metadata: dict[str, Any]
@@ -78,24 +82,33 @@ class Generator:
     ) -> "Generator":
         """The run's export (`run_dir`, its export folder or the adapter file) with its base.
         `trust_remote_code`: the user allows the LLM's remote code if its metadata asks for it.
+        A control run's export (text_encoder=clip) draws with the base's own CLIP, in the
+        form it trained with (the pipelines' own).
 
         The LLM and base the export's metadata names are loaded only from this machine (a
         local folder or the Hugging Face cache): an export is a file from elsewhere, and does
         not get to start downloads. `llm_path` / `base_path`, the user's own choice, may."""
-        adapter_path = find_adapter(run_dir)
-        meta = read_adapter_metadata(adapter_path)
-        if llm_path is None:
+        export = find_export(run_dir)
+        meta = read_export_metadata(export)
+        control = meta.get("text_encoder") == "clip"
+        if llm_path is None and not control:
             require_on_this_machine(meta["llm"]["path"], "LLM", "llm", meta["llm"].get("revision"), "config.json")
         if base_path is None:
             base = meta["base_model"]
             require_on_this_machine(base["path"], "base model", "base", base.get("revision"), "model_index.json")
-        encoder, meta = PromptEncoder.from_export(adapter_path, llm_path=llm_path, dtype=dtype,
-                                                  trust_remote_code=trust_remote_code)
+        if control:
+            from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
+
+            base = meta["base_model"]
+            encoder = CLIPTeacher(base_path or base["path"], teacher_kind(base["kind"]), dtype=dtype, windows=1).eval()
+        else:
+            encoder, meta = PromptEncoder.from_export(export / ADAPTER_FILE, llm_path=llm_path, dtype=dtype,
+                                                      trust_remote_code=trust_remote_code)
         base = meta["base_model"]
         kind, path = base["kind"], base_path or base["path"]
         # A stage-2/3 export carries its trained UNet beside the adapter (unet/: the whole UNet),
         # or a LoRA for the base's (lora/, train.unet=lora), put on with diffusers' own loader.
-        unet_dir, lora_dir = adapter_path.parent / "unet", adapter_path.parent / LORA_DIR
+        unet_dir, lora_dir = export / "unet", export / LORA_DIR
         pipeline = load_pipeline(kind, path, unet_dir if unet_dir.is_dir() else None, torch_dtype(dtype), base.get("revision"))
         if not unet_dir.is_dir() and (lora_dir / LORA_WEIGHTS).is_file():
             apply_export_lora(pipeline, lora_dir)

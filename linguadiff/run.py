@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # checkpoint in a layout the new strategy cannot. A relaunch that changes one is refused,
 # naming it; every other change (steps, learning rates, batch sizes...) is logged and kept.
 IDENTITY_KEYS = (
-    "stage",
+    "stage", "text_encoder",
     "model.path", "model.kind", "model.revision", "model.dtype", "model.resolution",  # the base
     "llm.path", "llm.revision", "llm.dtype", "llm.max_length", "llm.layers", "llm.layer_mix",
     "llm.bos",  # the LLM features

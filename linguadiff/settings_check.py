@@ -42,6 +42,9 @@ DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "flo
 # The stage modules' parts (children) that train.trainable and speed.compile may name.
 STAGE_PARTS = {1: ("text_encoder", "adapter", "teacher"), 2: ("text_encoder", "adapter", "unet", "vae")}
 STAGE_PARTS[3] = STAGE_PARTS[2]
+# A control run (text_encoder=clip): the base's own CLIP in place of the LLM + adapter; only the UNet trains.
+CONTROL_PARTS = ("text_encoder", "unet", "vae")
+TEXT_ENCODERS = ("llm", "clip")  # export.py
 
 # Stable Diffusion bases: a VAE of 8x and a UNet with 3 downsamplings, when the base's own
 # config files are not at hand (a Hugging Face name): 8 x 2^3 = 64.
@@ -97,11 +100,17 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
 
     # what trains, and how fast
     trainable = OmegaConf.select(cfg, "train.trainable")
-    parts = STAGE_PARTS.get(stage, ())
+    control = OmegaConf.select(cfg, "text_encoder") == "clip"
+    parts = CONTROL_PARTS if control and stage in (2, 3) else STAGE_PARTS.get(stage, ())
     if not trainable:
         p.append(f"config key 'train.trainable' must name at least one part (stage {stage}: {', '.join(parts)}), got {_show(trainable)}")
+    elif control and stage in (2, 3):
+        if list(trainable) != ["unet"]:
+            p.append(f"config key 'train.trainable' must be [unet] with text_encoder=clip (a control run trains the "
+                     f"UNet only; the base's CLIP stays frozen and there is no adapter), got {_show(trainable)}")
     else:
         c.parts("train.trainable", trainable, parts, stage)
+    _check_text_encoder(cfg, c, p, stage, training)
     c.parts("speed.compile", OmegaConf.select(cfg, "speed.compile") or [], parts, stage)
     _check_lora(cfg, c, p, stage, trainable or [])
     c.choice("speed.compile_mode", COMPILE_MODES)
@@ -180,8 +189,8 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     if any(s not in ("train", "val") for s in splits):
         p.append(f"config key 'cache.splits' may hold train and val, got {_show(splits)}")
 
-    # where a stage starts from
-    if training and stage in (2, 3):  # the export's header only (its metadata), no weights
+    # where a stage starts from (a stage-2 control starts from the base itself)
+    if training and stage in (2, 3) and not (control and stage == 2):  # the export's header only, no weights
         from linguadiff.export import init_export
 
         try:
@@ -189,6 +198,30 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
         except ConfigError as err:
             p.append(str(err))
     return p
+
+
+# ---------------------------------------------------------------------- text encoder
+
+
+def _check_text_encoder(cfg: DictConfig, c: "_Checker", p: Problems, stage, training: bool) -> None:
+    """text_encoder=clip, the control run: stages 2-3 only, from the base (stage 2), and not
+    with what only the LLM has (cached LLM states to make, FSDP units for it)."""
+    c.choice("text_encoder", TEXT_ENCODERS)
+    if OmegaConf.select(cfg, "text_encoder") != "clip":
+        return
+    if stage == 1:
+        p.append("config key 'text_encoder' is clip, which only stages 2 and 3 take (stage 1 trains the adapter "
+                 "that replaces CLIP): drop text_encoder=clip, or run stage=2 text_encoder=clip for a control run")
+    if training and stage == 2 and OmegaConf.select(cfg, "init_from"):
+        p.append(f"config key 'init_from' is {_show(cfg.init_from)}, but a stage-2 control run (text_encoder=clip) "
+                 "starts from the base model itself: drop init_from")
+    if not training and OmegaConf.select(cfg, "cache.llm_states"):
+        p.append("config key 'cache.llm_states' is true, but a text_encoder=clip run reads no LLM states (the base's "
+                 "CLIP encodes each caption): set cache.llm_states=false, or cache with the LLM run's settings "
+                 "(a control run reads those shards' latents and ignores their LLM states)")
+    if OmegaConf.select(cfg, "trainer.strategy") == "fsdp":
+        p.append("config key 'text_encoder' is clip, which does not run under strategy=fsdp (trainer.strategy=fsdp; "
+                 "FSDP's units are made for the LLM and adapter): use strategy=ddp")
 
 
 # ---------------------------------------------------------------------- LoRA

@@ -25,6 +25,12 @@ would give a pooled vector the UNet never saw). Windows are encoded in one batch
 
 Dimensions are read from the loaded configs (tiny stand-ins have other sizes). The SD
 pipelines pass no attention mask to CLIP (causal attention only), and neither does this.
+
+`windows=1` (SDXL) is exactly the SDXL pipeline's own conditioning: one window of 77 tokens
+(the prompt cut at 75), both encoders' penultimate layers joined, bigG's pooled projection.
+A control run (`text_encoder=clip`) trains and draws with that form, so its UNet is used in a
+plain diffusers pipeline just as it was trained. As the conditioning of a run, the module
+also reads a training batch (`condition`) like the LLM's PromptEncoder does.
 """
 from __future__ import annotations
 
@@ -55,10 +61,13 @@ class CLIPPromptTokenizer:
       (windows for CLIP-L and for bigG, each tokenized by its own tokenizer).
     """
 
-    def __init__(self, base_path: str | Path, kind: TeacherKind) -> None:
+    def __init__(self, base_path: str | Path, kind: TeacherKind, windows: int = SDXL_WINDOWS) -> None:
         if kind not in ("sd15", "sdxl"):
             raise ValueError(f"teacher kind must be 'sd15' or 'sdxl', got {kind!r}")
+        if not 1 <= windows <= SDXL_WINDOWS:
+            raise ValueError(f"windows must be 1 to {SDXL_WINDOWS}, got {windows!r}")
         self.kind: TeacherKind = kind
+        self.windows = windows  # sdxl: 75-token windows (1: the SDXL pipeline's own form)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer")
         self.tokenizer_2 = (
             CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer_2") if kind == "sdxl" else None
@@ -69,7 +78,7 @@ class CLIPPromptTokenizer:
     @property
     def context_tokens(self) -> int:
         """Tokens in the teacher's context: 77 (sd15) or 3 x 75 + 2 = 227 (sdxl)."""
-        return self.max_length if self.kind == "sd15" else SDXL_WINDOWS * self.window + 2
+        return self.max_length if self.kind == "sd15" else self.windows * self.window + 2
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if isinstance(texts, str):
@@ -85,7 +94,12 @@ class CLIPPromptTokenizer:
     @property
     def prompt_token_limit(self) -> int:
         """Prompt tokens the teacher reads (BOS/EOS aside): 75 (sd15) or 3 x 75 = 225 (sdxl)."""
-        return self.window if self.kind == "sd15" else SDXL_WINDOWS * self.window
+        return self.window if self.kind == "sd15" else self.windows * self.window
+
+    @property
+    def bos_id(self) -> int:
+        """The id every prompt starts with (what an export stamps as its BOS)."""
+        return int(self.tokenizer.bos_token_id)
 
     def visible_text(self, texts: list[str]) -> list[str]:
         """Each text cut where the teacher stops reading it (whole when it fits).
@@ -116,13 +130,13 @@ class CLIPPromptTokenizer:
         return text[:fits] if fits is not None else ""
 
     def _windows(self, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-        """``[B, 3, 77]``: per window ``BOS + up to 75 tokens + EOS``, then that tokenizer's pad."""
+        """``[B, windows, 77]``: per window ``BOS + up to 75 tokens + EOS``, then that tokenizer's pad."""
         content = tokenizer(
-            texts, add_special_tokens=False, truncation=True, max_length=SDXL_WINDOWS * self.window
+            texts, add_special_tokens=False, truncation=True, max_length=self.windows * self.window
         )["input_ids"]
-        out = torch.full((len(texts), SDXL_WINDOWS, self.max_length), tokenizer.pad_token_id, dtype=torch.long)
+        out = torch.full((len(texts), self.windows, self.max_length), tokenizer.pad_token_id, dtype=torch.long)
         for b, row in enumerate(content):
-            for w in range(SDXL_WINDOWS):
+            for w in range(self.windows):
                 chunk = row[w * self.window : (w + 1) * self.window]
                 window = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
                 out[b, w, : len(window)] = torch.tensor(window, dtype=torch.long)
@@ -209,9 +223,12 @@ class CLIPTeacher(nn.Module):
     P = :attr:`pooled_dim` (None for sd15).
     """
 
-    def __init__(self, base_path: str | Path, kind: TeacherKind, dtype: str | torch.dtype = "float32") -> None:
+    def __init__(self, base_path: str | Path, kind: TeacherKind, dtype: str | torch.dtype = "float32",
+                 windows: int = SDXL_WINDOWS) -> None:
+        """`windows` (sdxl): 3 for stage 1's long-prompt target (227 tokens), 1 for the SDXL
+        pipeline's own conditioning (77 tokens)."""
         super().__init__()
-        self._tokenizer = CLIPPromptTokenizer(base_path, kind)
+        self._tokenizer = CLIPPromptTokenizer(base_path, kind, windows)
         self.kind: TeacherKind = kind
         dtype = torch_dtype(dtype)
         self.text_encoder = freeze(CLIPTextModel.from_pretrained(str(base_path), subfolder="text_encoder", dtype=dtype))
@@ -276,6 +293,17 @@ class CLIPTeacher(nn.Module):
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor | None]:
         """Tokenize and encode: ``{"context", "pooled"}``."""
         return self(self.tokenizer(texts))
+
+    def condition(self, batch, device: torch.device | None = None, grouped: bool = True,
+                  text_field: str = "caption") -> dict[str, torch.Tensor | None]:
+        """A training batch's conditioning, as `PromptEncoder.condition` gives it: from the tokens
+        the data workers made with :attr:`tokenizer` (``student_tokens``), else from tokenizing
+        ``batch[text_field]`` here. A dropped caption is the empty prompt, encoded as the
+        pipelines encode their unconditional input. Cached LLM states are not read.
+        `device` and `grouped` are the PromptEncoder's (the encoder sits on its own device;
+        CLIP's fixed 77 tokens need no length groups)."""
+        tokens = batch.get("student_tokens") or self.tokenizer(list(batch[text_field]))
+        return self(tokens)
 
 
 def teacher_kind(base_kind: str) -> str:
