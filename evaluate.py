@@ -25,11 +25,13 @@ from linguadiff.config import ConfigError
 OPTIONS = {
     "run_dir": None,  # a run folder, or several: [a,b] or a,b (comparison mode); `base`: the base with its own CLIP
     "base_dir": None,  # where run_dir=base writes its eval/ (default: base-NAME beside the first run, else runs/base-NAME)
-    "sets": None,  # which prompt sets to run: [captions,multilingual,long,text] (default: all)
+    "sets": None,  # which prompt sets to run: [captions,multilingual,long,text,binding] (default: all)
     "languages": None,  # [en,zh,fr,de,es,ja] by default; must include en
     "multilingual": "auto",  # auto | demo | parallel | PATH.json (a list of {lang: prompt})
     "captions": "auto",  # auto (the reference's captions) | PATH (COCO captions json or one prompt per line)
     "long_prompts": "bundled",  # bundled | PATH (one prompt per line)
+    "binding": "auto",  # auto (the demo's two-object scenes on the demo, else bundled) | demo | bundled | PATH.json
+    "binding_vqa": None,  # a BlipForQuestionAnswering folder (e.g. Salesforce/blip-vqa-base); the demo reads its pixels
     "reference": "auto",  # auto (the demo's held-out images on the demo) | none | FOLDER | SHARD_URLS
     "reference_images": 0,  # at most this many reference images (0: all)
     "text": "auto",  # auto | none | SHARD_URLS of held-out parallel text (stage-1 measures)
