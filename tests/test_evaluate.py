@@ -409,8 +409,13 @@ def test_the_base_with_its_own_clip_is_a_row_beside_the_runs(assets, tmp_path, c
     code = evaluate.main([f"run_dir=[base,{run}]", "sets=[multilingual,text]", "languages=[en,zh]", f"text={assets['val']}",
                           *quick(steps=1)])
     assert code == 0
-    assert capsys.readouterr().out.splitlines()[0].split() == ["metric", "base", "llm"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["metric", "base", "llm"]
     base_dir = tmp_path / "runs" / "base-demo_base"
+    figure = tmp_path / "runs" / "comparison.png"  # beside the table: bars per language and run, the two grids
+    assert f"figure: {figure}" in out and Image.open(figure).width > 2 * 64 * 2
+    legend = json.loads(figure.with_suffix(".json").read_text(encoding="utf-8"))
+    assert [r["label"] for r in legend["runs"]] == ["base", "llm"] and legend["panels"][:2] == ["colour", "shape"]
     report = json.loads((base_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     ours = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert report["stage"] == "base" and report["base_model"].endswith("demo_base")
