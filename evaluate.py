@@ -5,7 +5,7 @@
     python evaluate.py run_dir=[base,runs/demo1]                       # and the base with its own CLIP
     python evaluate.py run_dir=/scratch/run2 clip=/models/clip-vit-large-patch14 \\
         inception_weights=/models/weights-inception-2015-12-05-6726825d.pth \\
-        aesthetic_head=/models/sac+logos+ava1-l14-linearMSE.pth \\
+        aesthetic_head=/models/sac+logos+ava1-l14-linearMSE.pth binding_vqa=/models/blip-vqa-base \\
         reference=/data/coco/val2014 captions=/data/coco/annotations/captions_val2014.json fid_images=30000
 
 Writes run_dir/eval/metrics.json, run_dir/eval/grid.png (rows: prompts, columns: languages)
