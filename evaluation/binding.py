@@ -17,7 +17,6 @@ read-back :class:`evaluation.demo_readback.DemoVQA`.
 """
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
@@ -27,8 +26,6 @@ from PIL import Image
 
 from evaluation.prompt_sets import BindingItem, BindingSet
 from linguadiff.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 YES_THRESHOLD = 0.5
 
