@@ -8,8 +8,13 @@ carries an aesthetic score rewarding large, centred shapes on a clean background
 Captions vary a lot on purpose. The demo LLM is random, so the adapter has no meaning to
 generalise from: a phrasing it never saw is a gamble (DESIGN.md measured about 45%). The
 cure is variety - many core phrasings per language, including the plain ones a user types
-("a red circle", "赤い円"), optional prefixes, details in any order, synonyms, casing and
-punctuation - so that what the adapter learns is "find the colour and the shape".
+("a red circle", "赤い円"), optional prefixes and requests ("create ", "给我"), style tags
+(", 4k"), details in any order, synonyms, casing and punctuation - so that what the adapter
+learns is "find the colour and the shape". `evaluation.demo_eval` checks it on requests worded
+in ways no caption uses (evaluation/prompts/demo_heldout.json).
+
+A fifth of the samples show two shapes of different colours ("a red circle and a blue
+square"), so the demo can measure attribute binding: which colour goes with which shape.
 """
 from __future__ import annotations
 
@@ -44,7 +49,13 @@ BACKGROUND_LEVEL = {"white": 240, "black": 15, "grey": 128, "noisy": 128}
 # Radius as a fraction of the image side, per size word.
 RADIUS = {"small": (0.16, 0.22), "medium": (0.24, 0.30), "large": (0.32, 0.40)}
 
-DATA_VERSION = "3"  # bump when the generator changes: cached shards are then rebuilt
+DATA_VERSION = "4"  # bump when the generator changes: cached shards are then rebuilt
+# Share of samples that show two shapes ("a red circle and a blue square"): the demo's
+# attribute-binding data. Their two colours differ and so do their two shapes, so an image
+# that swaps the attributes is wrong.
+PAIR_FRACTION = 0.2
+# Radius of each shape in a pair (fraction of the side): two shapes side by side at 16 px.
+PAIR_RADIUS = (0.15, 0.19)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,37 @@ class Scene:
         centre_term = 1.0 - min(1.0, np.hypot(self.cx - 0.5, self.cy - 0.5) / 0.32)
         clean_term = 0.0 if self.background == "noisy" else 1.0
         return round(float(10.0 * (0.4 * size_term + 0.4 * centre_term + 0.2 * clean_term)), 3)
+
+    @property
+    def objects(self) -> tuple["Scene", ...]:
+        return (self,)
+
+
+@dataclass(frozen=True)
+class PairScene:
+    """Two shapes side by side on one background, named in caption order (`first` is not
+    always the left one: the caption binds colours to shapes, never to places)."""
+
+    first: Scene
+    second: Scene
+
+    @property
+    def objects(self) -> tuple[Scene, Scene]:
+        return (self.first, self.second)
+
+    @property
+    def background(self) -> str:
+        return self.first.background
+
+    def aesthetic_score(self) -> float:
+        """The single-shape score of one shape as large as both, at their midpoint."""
+        a, b = self.first, self.second
+        merged = Scene(a.colour, a.shape, a.size, "centre", a.background, radius=float(np.hypot(a.radius, b.radius)),
+                       cx=(a.cx + b.cx) / 2, cy=(a.cy + b.cy) / 2)
+        return merged.aesthetic_score()
+
+    def labels(self) -> list[tuple[str, str]]:
+        return [(o.colour, o.shape) for o in self.objects]
 
 
 def sample_scene(rng: random.Random) -> Scene:
@@ -92,14 +134,37 @@ def sample_scene(rng: random.Random) -> Scene:
     )
 
 
+def sample_pair_scene(rng: random.Random) -> PairScene:
+    """Two shapes of different colours and different shapes, one on each half."""
+    colours = rng.sample(COLOURS, 2)
+    shapes = rng.sample(SHAPES, 2)
+    background = rng.choice(BACKGROUNDS)
+    sides = [0.26, 0.74]
+    rng.shuffle(sides)
+    objects = []
+    for colour, shape, cx in zip(colours, shapes, sides):
+        radius = rng.uniform(*PAIR_RADIUS)
+        cy = 0.5 + rng.uniform(-0.12, 0.12)
+        margin = radius + 0.02
+        objects.append(Scene(colour=colour, shape=shape, size="small", position="centre", background=background,
+                             radius=radius, cx=cx + rng.uniform(-0.02, 0.02), cy=min(max(cy, margin), 1 - margin)))
+    return PairScene(*objects)
+
+
+def sample_any_scene(rng: random.Random) -> Scene | PairScene:
+    """What the demo shards hold: a single shape, or (`PAIR_FRACTION` of them) a pair."""
+    return sample_pair_scene(rng) if rng.random() < PAIR_FRACTION else sample_scene(rng)
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
-def render(scene: Scene, size: int, rng: random.Random, supersample: int = 4,
+def render(scene: Scene | PairScene, size: int, rng: random.Random, supersample: int = 4,
            shape: tuple[int, int] | None = None) -> Image.Image:
-    """Draw the scene at `size` px (anti-aliased by supersampling). `shape` (h, w), sides even
-    and at least `size`: a wider or taller picture, the scene in its middle `size` square
-    and the background around it (the mixed-aspect demo set that exercises buckets)."""
+    """Draw the scene (one shape or a pair) at `size` px (anti-aliased by supersampling).
+    `shape` (h, w), sides even and at least `size`: a wider or taller picture, the scene in
+    its middle `size` square and the background around it (the mixed-aspect demo set that
+    exercises buckets)."""
     height, width = shape or (size, size)
     s, sh, sw = size * supersample, height * supersample, width * supersample
     np_rng = np.random.default_rng(rng.getrandbits(32))
@@ -114,20 +179,24 @@ def render(scene: Scene, size: int, rng: random.Random, supersample: int = 4,
     else:  # in units of the middle square's side, 0..1 inside it
         rows, cols = np.mgrid[0:sh, 0:sw] + 0.5
         yy, xx = (rows - (sh - s) / 2) / s, (cols - (sw - s) / 2) / s
-    dx, dy, r = xx - scene.cx, yy - scene.cy, scene.radius
-    if scene.shape == "circle":
-        mask = dx**2 + dy**2 <= r**2
-    elif scene.shape == "square":
-        half = r * 0.85  # equal area-ish with the circle
-        mask = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    else:  # upward triangle inscribed in the circle
-        top, base = -r, r * 0.75
-        half_width = (dy - top) / (base - top) * r * 1.05
-        mask = (dy >= top) & (dy <= base) & (np.abs(dx) <= half_width)
-    colour = np.array(RGB[scene.colour], np.float32) + np_rng.uniform(-12, 12, size=3)
-    canvas[mask] = colour
+    for drawn in scene.objects:
+        colour = np.array(RGB[drawn.colour], np.float32) + np_rng.uniform(-12, 12, size=3)
+        canvas[_shape_mask(drawn, xx, yy)] = colour
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     return image.resize((width, height), Image.BOX)
+
+
+def _shape_mask(scene: Scene, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    dx, dy, r = xx - scene.cx, yy - scene.cy, scene.radius
+    if scene.shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if scene.shape == "square":
+        half = r * 0.85  # equal area-ish with the circle
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    # upward triangle inscribed in the circle
+    top, base = -r, r * 0.75
+    half_width = (dy - top) / (base - top) * r * 1.05
+    return (dy >= top) & (dy <= base) & (np.abs(dx) <= half_width)
 
 
 def mixed_shapes(size: int) -> list[tuple[int, int]]:
@@ -150,7 +219,16 @@ _PHRASES = json.loads(resources.files("datamodules").joinpath("demo_phrases.json
 LEXICON: dict[str, dict] = _PHRASES["lexicon"]
 PLAIN_PROMPTS: dict[str, list[str]] = _PHRASES["plain_prompts"]
 _DE_GENDER: dict[str, str] = _PHRASES["de_gender"]
-_missing = [lang for lang in LANGUAGES if lang not in LEXICON or lang not in PLAIN_PROMPTS]
+PLAIN_BINDING: dict[str, str] = _PHRASES["plain_binding"]
+# Phrase lists kept beside the lexicon (one line per language in the file), merged into it:
+# `object`, noun phrases of one shape for two-shape captions; `pair`, how two are joined;
+# `request`, verbs before a noun phrase ("create "); `tag`, style words after one (", 4k").
+for _key in ("object", "pair", "request", "tag"):
+    for _lang, _phrases in _PHRASES[_key].items():
+        LEXICON[_lang][_key] = _phrases
+_missing = [lang for lang in LANGUAGES
+            if lang not in LEXICON or lang not in PLAIN_PROMPTS or lang not in PLAIN_BINDING
+            or any(key not in LEXICON[lang] for key in ("object", "pair", "request", "tag"))]
 if _missing:
     raise ValueError(f"demo_phrases.json has no phrases for the demo language(s) {_missing}")
 
@@ -207,8 +285,8 @@ def caption(lang: str, scene: Scene, rng: random.Random, details: tuple[str, ...
     is_sentence = rng.random() < 0.3
     core = rng.choice(lex["sentence"] if is_sentence else lex["core"])
     text = core.format(**f)
-    if not is_sentence and rng.random() < 0.35:
-        text = rng.choice(lex["prefix"]) + text
+    if not is_sentence:
+        text = _framed(lex, text, rng)
     extra = []
     for d in details:
         if d == "size" and "{z" not in core:
@@ -220,6 +298,24 @@ def caption(lang: str, scene: Scene, rng: random.Random, details: tuple[str, ...
     rng.shuffle(extra)
     for e in extra:
         text += rng.choice(lex["joiner"]) + e
+    return _finished(lang, lex, text, rng)
+
+
+def _framed(lex: dict, text: str, rng: random.Random) -> str:
+    """Sometimes a prefix ("a picture of ") or a request ("create ") before a noun phrase."""
+    draw = rng.random()
+    if draw < 0.3:
+        return rng.choice(lex["prefix"]) + text
+    if draw < 0.5:
+        return rng.choice(lex["request"]) + text
+    return text
+
+
+def _finished(lang: str, lex: dict, text: str, rng: random.Random) -> str:
+    """Style tag, casing and final punctuation, at random: words around the colour and the
+    shape that say nothing about them, which the adapter must learn to read past."""
+    if rng.random() < 0.2:
+        text += rng.choice(lex["tag"])
     text = _tidy(text)
     if rng.random() < 0.3:
         text = text[:1].upper() + text[1:]
@@ -228,27 +324,60 @@ def caption(lang: str, scene: Scene, rng: random.Random, details: tuple[str, ...
     return text
 
 
-def parallel_captions(scene: Scene, rng: random.Random) -> dict[str, str]:
+def pair_caption(lang: str, scene: PairScene, rng: random.Random) -> str:
+    """A caption of a two-shape scene in `lang`, naming the shapes in the scene's order."""
+    lex = LEXICON[lang]
+    a, b = (rng.choice(lex["object"]).format(**_fields(lang, obj, rng)) for obj in scene.objects)
+    return _finished(lang, lex, _framed(lex, rng.choice(lex["pair"]).format(a=a, b=b), rng), rng)
+
+
+def parallel_captions(scene: Scene | PairScene, rng: random.Random) -> dict[str, str]:
     """The same scene in every language, mentioning the same details (a parallel sample)."""
+    if isinstance(scene, PairScene):
+        return {lang: pair_caption(lang, scene, rng) for lang in LANGUAGES}
     long = rng.random() < 0.05
     details = tuple(d for d in ("position", "background", "size") if rng.random() < 0.3)
     return {lang: caption(lang, scene, rng, details, long) for lang in LANGUAGES}
 
 
+def _plain_fields(lang: str, colour: str, shape: str, suffix: str = "") -> dict[str, str]:
+    """The plain colour and shape words (each list's first entry), as the templates of
+    `plain_prompts` / `plain_binding` name them; `suffix` numbers the second object's."""
+    lex = LEXICON[lang]
+    noun = lex["shape"][shape][0]
+    word = lex["colour"][colour]
+    word = word[0] if isinstance(word, list) else word
+    fields = {"colour" + suffix: word, "shape" + suffix: noun}
+    if lang == "de":
+        declined = _de_fields(word, noun, "")
+        fields["colour" + suffix + "_nom"] = declined["c_nom"]
+        fields["colour" + suffix + "_acc"] = declined["c_acc"]
+        fields["ein" + suffix] = "ein" + declined["e_nom"]
+        fields["ein" + suffix + "_acc"] = "ein" + declined["e_acc"]
+    return fields
+
+
+def phrased_prompts(lang: str, templates: list[str]) -> list[tuple[str, str, str]]:
+    """(prompt, colour, shape) for every colour x shape x template: `templates` name the plain
+    words as {colour} and {shape} (German also {colour_nom}, {colour_acc}, {ein}, {ein_acc})."""
+    return [(template.format(**_plain_fields(lang, colour, shape)), colour, shape)
+            for colour in COLOURS for shape in SHAPES for template in templates]
+
+
 def plain_prompts(lang: str) -> list[tuple[str, str, str]]:
     """(prompt, colour, shape) for every colour x shape x plain template of `lang`."""
-    lex = LEXICON[lang]
+    return phrased_prompts(lang, PLAIN_PROMPTS[lang])
+
+
+def binding_prompts(lang: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(prompt, [(colour, shape), (colour, shape)]) for every pair of two different colours on
+    two different shapes, in the plain pair phrasing of `lang` ("a red circle and a blue
+    square"): the demo's attribute-binding prompts, 72 per language."""
     out = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            noun = lex["shape"][shape][0]
-            word = lex["colour"][colour]
-            word = word[0] if isinstance(word, list) else word
-            fields = {"colour": word, "shape": noun}
-            if lang == "de":
-                fields["colour_nom"] = _de_fields(word, noun, "")["c_nom"]
-            for template in PLAIN_PROMPTS[lang]:
-                out.append((template.format(**fields), colour, shape))
+    for colour, colour2 in ((c1, c2) for c1 in COLOURS for c2 in COLOURS if c1 != c2):
+        for shape, shape2 in ((s1, s2) for s1 in SHAPES for s2 in SHAPES if s1 != s2):
+            fields = {**_plain_fields(lang, colour, shape), **_plain_fields(lang, colour2, shape2, "2")}
+            out.append((PLAIN_BINDING[lang].format(**fields), [(colour, shape), (colour2, shape2)]))
     return out
 
 
@@ -293,7 +422,7 @@ def write_demo_shards(
         tmp = _private_name(path)
         with _removed_on_error(tmp), wds.TarWriter(str(tmp)) as sink:
             for i in range(shard_start, min(num_samples, shard_start + samples_per_shard)):
-                scene = sample_scene(rng)
+                scene = sample_any_scene(rng)
                 captions = parallel_captions(scene, rng)
                 sample = {"__key__": f"{i:08d}", "txt": captions["en"]}
                 if with_images:
@@ -307,8 +436,8 @@ def write_demo_shards(
                             "width": width,
                             "height": height,
                             "aesthetic_score": scene.aesthetic_score(),
-                            "colour": scene.colour,
-                            "shape": scene.shape,
+                            # what is drawn, in caption order: one shape, or two for a pair
+                            "objects": [{"colour": o.colour, "shape": o.shape} for o in scene.objects],
                         },
                         ensure_ascii=False,
                     ).encode()

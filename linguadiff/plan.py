@@ -368,17 +368,13 @@ def plan_config(train_args: Sequence[str]) -> DictConfig:
 def _units(container) -> list[dict]:
     """FSDP units as linguadiff/strategy.py chooses them: (name, parameters it owns, trains).
     A weight tied between modules (mT5's shared embedding) is counted once, in the first unit
-    that owns it."""
+    that owns it (`unit_of_parameters`)."""
     from linguadiff.strategy import fsdp_units, unit_of_parameters
 
-    params = dict(container.named_parameters(remove_duplicate=False))
-    seen: set[int] = set()
+    params = dict(container.named_parameters())
     summary: dict[str, dict] = {}
     for name, unit in unit_of_parameters(container, fsdp_units(container, activation_checkpointing=False)).items():
         p = params[name]
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
         entry = summary.setdefault(unit, {"unit": unit, "parameters": 0, "trains": p.requires_grad})
         entry["parameters"] += p.numel()
     return list(summary.values())

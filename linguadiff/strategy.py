@@ -115,14 +115,20 @@ def fsdp_units(stage_module: nn.Module, activation_checkpointing: bool = True) -
 
 
 def unit_of_parameters(stage_module: nn.Module, units: FSDPUnits) -> dict[str, str]:
-    """Parameter name -> the unit (innermost wrapped ancestor) that would own it; "" = the root."""
+    """Parameter name -> the unit (innermost wrapped ancestor) that would own it; "" = the root.
+    A weight tied between modules (mT5's shared embedding, reached as `shared` and as
+    `encoder.embed_tokens`) appears once, under the first name met in module order, as in
+    `named_parameters()`."""
     owner: dict[str, str] = {}
+    seen: set[int] = set()
 
     def visit(module: nn.Module, prefix: str, unit: str) -> None:
         if id(module) in units.wrap:
             unit = units.names[id(module)]
-        for pname, _ in module.named_parameters(recurse=False):
-            owner[f"{prefix}{pname}"] = unit
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                owner[f"{prefix}{pname}"] = unit
         for cname, child in module.named_children():
             visit(child, f"{prefix}{cname}.", unit)
 

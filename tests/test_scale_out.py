@@ -206,6 +206,26 @@ def test_fsdp_units_separate_frozen_from_trained(world, stage1_run, tmp_path):
         check_units(module, fsdp_units(module))
 
 
+def test_fsdp_units_count_a_weight_tied_between_modules_once(tmp_path):
+    """mT5 reaches its shared embedding as `shared` and as `encoder.embed_tokens`: the unit
+    check must own it once (it raised KeyError on the second name, so strategy=fsdp with
+    llm=mt5-xl crashed before wrapping)."""
+    from torch import nn
+
+    from linguadiff.models.text_encoder import LLMTextEncoder
+
+    stage = nn.Module()
+    stage.text_encoder = LLMTextEncoder(str(make_tiny_llm(tmp_path / "t5", "t5")))
+    stage.adapter = nn.Linear(32, 8)
+    tied = [n for n, _ in stage.text_encoder.named_parameters(remove_duplicate=False) if n.endswith("embed_tokens.weight")
+            or n.endswith("shared.weight")]
+    assert len(tied) == 2  # the tiny T5 ties them, as mT5 does
+    stage.text_encoder.requires_grad_(False)
+    summary = check_units(stage, fsdp_units(stage))
+    assert sum(e["parameters"] for e in summary.values()) == sum(p.numel() for p in stage.parameters())
+    assert summary["adapter"]["trains"] and not summary["text_encoder"]["trains"]
+
+
 def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, stage1_run, tmp_path):
     run_dir = tmp_path / "run"
     # bf16 mixed precision as on GPUs: sample grids call FSDP units directly (caught on a GPU).
