@@ -151,6 +151,22 @@ def test_read_objects_finds_each_shape_with_its_colour_shape_centre_and_size():
     assert read_objects(specks) == []
 
 
+def test_read_objects_recovers_both_shapes_of_rendered_pair_scenes():
+    # Measured on 600 pair scenes at 16 px: both objects found in all, colour 100%, shape 98%.
+    import random
+
+    from datamodules import demo_data
+
+    rng = random.Random(0)
+    scenes = [demo_data.sample_pair_scene(rng) for _ in range(150)]
+    read = [read_objects(demo_data.render(scene, 16, rng)) for scene in scenes]
+    assert all(len(objects) == 2 for objects in read)
+    truth = [sorted(scene.objects, key=lambda o: o.cx) for scene in scenes]  # read_objects goes left to right
+    pairs = [(o, s) for objects, shapes in zip(read, truth) for o, s in zip(objects, shapes)]
+    assert all(o.colour == s.colour for o, s in pairs)
+    assert sum(o.shape == s.shape for o, s in pairs) / len(pairs) >= 0.94
+
+
 def test_demo_vqa_says_yes_only_for_an_object_with_both_attributes():
     image = draw([("red", "circle", 4, 8), ("blue", "square", 12, 8)])
     questions = ["a red circle?", "a blue square?", "a blue circle?", "a red square?", "a green triangle?"]
@@ -170,6 +186,16 @@ def test_bundled_binding_prompts_cover_every_category_and_language():
     for item in bset.items:  # the English prompt names every object the questions ask about
         assert all(f"{attribute} {noun}" in item.prompts["en"] for attribute, noun in item.objects)
     assert len({item.prompts["ja"] for item in bset.items}) == len(bset)
+
+
+def test_demo_binding_set_is_the_demos_two_shape_scenes_in_every_language():
+    from datamodules.demo_data import LANGUAGES
+
+    bset = prompt_sets.demo_binding_set(list(LANGUAGES))
+    assert bset.name == "demo" and len(bset) == 72 and {item.category for item in bset.items} == {"colour"}
+    first = bset.items[0]
+    assert len(first.objects) == 2 and first.objects[0] != first.objects[1]
+    assert "red" in first.prompts["en"] and len({first.prompts[lang] for lang in LANGUAGES}) == len(LANGUAGES)
 
 
 @pytest.mark.parametrize("item, message", [
@@ -206,7 +232,7 @@ def test_evaluate_scores_the_demo_binding_set_and_skips_the_bundled_one_without_
     from datamodules import demo_data
     from linguadiff.config import PROJECT_ROOT
 
-    scenes = [[("red", "circle"), ("blue", "square")], [("green", "triangle"), ("yellow", "circle")]]
+    scenes = [[("red", "circle"), ("blue", "square")], [("green", "triangle"), ("yellow", "circle")]]  # 2 of the 72, to stay fast
     words = {"en": "and", "zh": "和"}
     monkeypatch.setattr(demo_data, "binding_prompts", lambda lang: [
         (f" {words[lang]} ".join(f"{c} {s}" for c, s in objects), objects) for objects in scenes], raising=False)
