@@ -23,7 +23,7 @@ from datamodules.demo_data import COLOURS, RGB, SHAPES
 
 def dominant_colour(image: Image.Image | np.ndarray, min_saturation: int = 60) -> str | None:
     """The demo colour most pixels are closest to, among saturated pixels (None: nothing drawn)."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).reshape(-1, 3).astype(np.float32)
+    rgb = _rgb(image).reshape(-1, 3).astype(np.float32)
     saturated = rgb.max(1) - rgb.min(1) >= min_saturation
     if saturated.sum() < 2:
         return None
@@ -37,9 +37,13 @@ def dominant_colour(image: Image.Image | np.ndarray, min_saturation: int = 60) -
     return COLOURS[int(votes.argmax())]
 
 
-def shape_mask(image: Image.Image, min_saturation: int = 60) -> np.ndarray:
+def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+
+
+def shape_mask(image: Image.Image | np.ndarray, min_saturation: int = 60) -> np.ndarray:
     """The pixels saturated enough to belong to the shape (every demo background is grey)."""
-    rgb = np.asarray(image.convert("RGB")).astype(np.int16)
+    rgb = _rgb(image).astype(np.int16)
     return (rgb.max(2) - rgb.min(2)) >= min_saturation
 
 
@@ -134,10 +138,9 @@ def read_objects(image: Image.Image | np.ndarray, min_pixels: int = 3, min_satur
     """Every saturated blob of at least `min_pixels` pixels (smaller ones are blur or noise),
     left to right: its colour by the chromaticity vote of `dominant_colour`, its shape by the
     fill rule of `classify_shape` with bands for small shapes (`small_shape_of`)."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    mask = (rgb.max(2).astype(np.int16) - rgb.min(2)) >= min_saturation
+    rgb = _rgb(image)
     objects = []
-    for component in _components(mask):
+    for component in _components(shape_mask(rgb, min_saturation)):
         size = int(component.sum())
         if size < min_pixels:
             continue

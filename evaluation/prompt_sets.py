@@ -54,13 +54,17 @@ def _check_languages(languages: list[str], option: str = "languages") -> None:
         raise ConfigError(f"option '{option}' must include '{REFERENCE_LANGUAGE}' (the CLIP score is taken against English)")
 
 
-def demo_parallel_set(languages: list[str]) -> ParallelSet:
-    """The demo's plain prompts ("a red circle", "一个红色的圆形", ...): the same colour x shape x
-    template order in every language, so they are parallel as they stand."""
+def _check_demo_languages(languages: list[str]) -> None:
     _check_languages(languages)
     unknown = [lang for lang in languages if lang not in demo_data.LANGUAGES]
     if unknown:
         raise ConfigError(f"the demo prompts have no language {unknown[0]!r}; they have {', '.join(demo_data.LANGUAGES)}")
+
+
+def demo_parallel_set(languages: list[str]) -> ParallelSet:
+    """The demo's plain prompts ("a red circle", "一个红色的圆形", ...): the same colour x shape x
+    template order in every language, so they are parallel as they stand."""
+    _check_demo_languages(languages)
     rows = {lang: demo_data.plain_prompts(lang) for lang in languages}
     labels = [(colour, shape) for _, colour, shape in rows[REFERENCE_LANGUAGE]]
     return ParallelSet("demo", {lang: [p for p, _, _ in rows[lang]] for lang in languages}, labels)
@@ -191,10 +195,7 @@ def read_binding_file(path: str | Path, languages: list[str]) -> BindingSet:
 def demo_binding_set(languages: list[str]) -> BindingSet:
     """The demo's two-object scenes ("a red circle and a blue square"), colour binding: the
     same scenes in the same order in every language (checked)."""
-    _check_languages(languages)
-    unknown = [lang for lang in languages if lang not in demo_data.LANGUAGES]
-    if unknown:
-        raise ConfigError(f"the demo prompts have no language {unknown[0]!r}; they have {', '.join(demo_data.LANGUAGES)}")
+    _check_demo_languages(languages)
     rows = {lang: demo_data.binding_prompts(lang) for lang in languages}
     english = rows[REFERENCE_LANGUAGE]
     for lang, lang_rows in rows.items():
