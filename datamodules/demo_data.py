@@ -49,7 +49,7 @@ BACKGROUND_LEVEL = {"white": 240, "black": 15, "grey": 128, "noisy": 128}
 # Radius as a fraction of the image side, per size word.
 RADIUS = {"small": (0.16, 0.22), "medium": (0.24, 0.30), "large": (0.32, 0.40)}
 
-DATA_VERSION = "4"  # bump when the generator changes: cached shards are then rebuilt
+DATA_VERSION = "5"  # bump when the generator changes: cached shards are then rebuilt
 # Share of samples that show two shapes ("a red circle and a blue square"): the demo's
 # attribute-binding data. Their two colours differ and so do their two shapes, so an image
 # that swaps the attributes is wrong.
@@ -222,13 +222,14 @@ _DE_GENDER: dict[str, str] = _PHRASES["de_gender"]
 PLAIN_BINDING: dict[str, str] = _PHRASES["plain_binding"]
 # Phrase lists kept beside the lexicon (one line per language in the file), merged into it:
 # `object`, noun phrases of one shape for two-shape captions; `pair`, how two are joined;
-# `request`, verbs before a noun phrase ("create "); `tag`, style words after one (", 4k").
-for _key in ("object", "pair", "request", "tag"):
+# `request`, verbs before a noun phrase ("create "); `tag`, style words after one (", 4k");
+# `filler`, a language's most frequent words, strewn around some captions (`_strewn`).
+for _key in ("object", "pair", "request", "tag", "filler"):
     for _lang, _phrases in _PHRASES[_key].items():
         LEXICON[_lang][_key] = _phrases
 _missing = [lang for lang in LANGUAGES
             if lang not in LEXICON or lang not in PLAIN_PROMPTS or lang not in PLAIN_BINDING
-            or any(key not in LEXICON[lang] for key in ("object", "pair", "request", "tag"))]
+            or any(key not in LEXICON[lang] for key in ("object", "pair", "request", "tag", "filler"))]
 if _missing:
     raise ValueError(f"demo_phrases.json has no phrases for the demo language(s) {_missing}")
 
@@ -316,12 +317,29 @@ def _finished(lang: str, lex: dict, text: str, rng: random.Random) -> str:
     shape that say nothing about them, which the adapter must learn to read past."""
     if rng.random() < 0.2:
         text += rng.choice(lex["tag"])
+    if rng.random() < 0.3:
+        text = _strewn(lang, lex, text, rng)
     text = _tidy(text)
     if rng.random() < 0.3:
         text = text[:1].upper() + text[1:]
     if rng.random() < 0.2:
         text += "。" if lang in ("zh", "ja") else "."
     return text
+
+
+def _strewn(lang: str, lex: dict, text: str, rng: random.Random) -> str:
+    """A few of the language's most frequent words before or after the caption, in no order.
+
+    The demo LLM is random and reads bytes: it has never seen ordinary words, so a word that
+    merely looks like a colour word ("ver", to see, against "verde") could pass for one. A
+    real LLM has read them all. Word salad from a frequency list shows the adapter ordinary
+    words carrying no colour or shape; it never forms a held-out request (tested)."""
+    words = rng.sample(lex["filler"], rng.randint(1, 4))
+    space = "" if lang in ("zh", "ja") else " "
+    salad = space.join(words)
+    if rng.random() < 0.5:
+        return salad + rng.choice((": ", ", ", " ") if space else ("：", "，", "")) + text
+    return text + (", " if space else "，") + salad
 
 
 def pair_caption(lang: str, scene: PairScene, rng: random.Random) -> str:
