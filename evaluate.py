@@ -11,8 +11,10 @@
 Writes run_dir/eval/metrics.json, run_dir/eval/grid.png (rows: prompts, columns: languages)
 and TensorBoard scalars eval/* in run_dir/tensorboard/eval, for each run, then prints one
 table; with several runs also one figure (comparison.png beside the first run: per-language
-bars of the main scores per run, and the grids side by side). Where real weights are missing (no clip=, no inception_weights=) stand-ins keep the
-command running offline and metrics.json says so under "stand_ins". See README "Evaluating".
+bars of the main scores per run, and the grids side by side). Demo runs are scored with the
+demo's own tiny CLIP (assets/demo_clip) unless clip= is given. Where real weights are missing
+(no clip=, no inception_weights=) stand-ins keep the command running offline and metrics.json
+says so under "stand_ins". See README "Evaluating".
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ OPTIONS = {
     "guidance": None,
     "scheduler": None,  # dpm++ | ddim | euler | ddpm
     "batch_size": 32,
-    "clip": None,  # a CLIP folder (CLIPModel + CLIPProcessor, e.g. openai/clip-vit-large-patch14)
+    "clip": None,  # a CLIP folder (CLIPModel + CLIPProcessor, e.g. openai/clip-vit-large-patch14); demo runs: assets/demo_clip
     "fid_features": "auto",  # auto | inception | clip | pixels (stand-in)
     "inception_weights": None,  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     "aesthetic_head": None,  # LAION aesthetic head state dict (.pth / .safetensors)
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv, OPTIONS)
         items = run_dirs_of(args["run_dir"])
         from evaluation.report import comparison_table, run_names
-        from evaluation.runner import BASE_RUN, EvalSettings, SharedTools, evaluate_base, evaluate_run, resolve_base
+        from evaluation.runner import (BASE_RUN, EvalSettings, SharedTools, all_on_demo_base, evaluate_base, evaluate_run,
+                                       resolve_base)
         from linguadiff.generation import find_adapter, resolve_device
 
         run_dirs = [item for item in items if item != BASE_RUN]
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if base is not None:
             default = (run_dirs[0].parent if run_dirs else Path("runs")) / f"base-{base.name}"
             base_dir = Path(args["base_dir"]).expanduser() if args["base_dir"] else default
-        tools = SharedTools(settings)
+        tools = SharedTools(settings, demo=all_on_demo_base(run_dirs, base))
         reports = [evaluate_base(base, base_dir, settings, tools) if item == BASE_RUN else evaluate_run(item, settings, tools)
                    for item in items]
     except (ConfigError, FileNotFoundError, RemoteCodeRefused) as err:

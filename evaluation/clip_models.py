@@ -12,9 +12,11 @@ folder, as offline clusters have) goes in through its callable form, as a
   same cut :class:`TruncatingProcessor` makes in the tokenizer (so EOS stays last). A long
   prompt is thereby scored against its first 77 tokens, all CLIP can read.
 
-With no CLIP at hand (the offline demo), :func:`stand_in_clip` builds a small random
-CLIPModel from a fixed seed: the code path is the real one, the numbers are not, and the
-stand-in is recorded as such in metrics.json.
+Demo runs are scored by :func:`demo_clip`, the committed tiny CLIP trained on the demo's own
+pictures and English captions (``assets/demo_clip``, ``scripts/make_demo_clip.py``): its
+numbers compare demo runs with each other. With no CLIP at hand for anything else,
+:func:`stand_in_clip` builds a small random CLIPModel from a fixed seed: the code path is
+the real one, the numbers are not, and the stand-in is recorded as such in metrics.json.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from evaluation.image_features import FeatureSpace
 
 STAND_IN_TOKENIZER = PROJECT_ROOT / "assets" / "demo_base" / "tokenizer"
 STAND_IN_SEED = 0
+DEMO_CLIP = PROJECT_ROOT / "assets" / "demo_clip"
+DEMO_CLIP_NAME = "demo_clip"
+DEMO_CLIP_DESCRIPTION = ("the demo's own tiny CLIP (assets/demo_clip, trained on the demo's pictures and English "
+                         "captions): ranks demo runs, not comparable with a real CLIP's scores")
 
 
 def features_tensor(output: Any, modality: str) -> torch.Tensor:
@@ -162,6 +168,17 @@ def load_clip(path: str, device: str | torch.device = "cpu") -> CLIPBundle:
     return _bundle(model, processor, Path(path).name or str(path), stand_in=False, device=device)
 
 
+def demo_clip(device: str | torch.device = "cpu") -> CLIPBundle:
+    """The demo's own tiny CLIP (assets/demo_clip): knows the demo's coloured shapes and English
+    caption words, so its scores rank demo runs; it is no stand-in there, and no real CLIP."""
+    if not (DEMO_CLIP / "config.json").is_file():
+        raise ConfigError(f"the demo's CLIP is missing from {DEMO_CLIP}: rebuild it with "
+                          "python scripts/make_demo_clip.py, or give clip=PATH")
+    bundle = load_clip(str(DEMO_CLIP), device)
+    bundle.name = DEMO_CLIP_NAME
+    return bundle
+
+
 def stand_in_clip(device: str | torch.device = "cpu") -> CLIPBundle:
     """A small random CLIPModel (fixed seed) with the demo base's CLIP tokenizer: runs the CLIP
     score's real code path offline; its values mean nothing and are recorded as a stand-in."""
@@ -185,6 +202,44 @@ def stand_in_clip(device: str | torch.device = "cpu") -> CLIPBundle:
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return _bundle(model, processor, f"stand-in: random tiny CLIPModel (seed {STAND_IN_SEED})", stand_in=True, device=device)
+
+
+@torch.no_grad()
+def demo_caption_retrieval(bundle: CLIPBundle, images: torch.Tensor, labels: list[tuple[str, str]]) -> dict[str, float]:
+    """How well a CLIP reads the demo: each uint8 [N, 3, H, W] image against the 12 plain English
+    captions ("a red circle", every colour x shape); `labels` are the images' (colour, shape).
+
+    Returns the share of images whose own caption ranks first (and whose first caption has the
+    right colour / shape), and mean CLIP scores (100 x cosine, before torchmetrics' clamp at 0)
+    of the matching caption, of the mismatched ones, of those of the same shape in another
+    colour and of those of the same colour in another shape.
+    """
+    from datamodules import demo_data
+
+    classes = [(c, s) for c in demo_data.COLOURS for s in demo_data.SHAPES]
+    first = {}
+    for prompt, colour, shape in demo_data.plain_prompts("en"):
+        first.setdefault((colour, shape), prompt)
+    tokens = bundle.processor(text=[first[k] for k in classes], padding=True, return_tensors="pt")
+    text = bundle.model.get_text_features(tokens["input_ids"].to(bundle.device), tokens["attention_mask"].to(bundle.device))
+    cosine = nn.functional.normalize(bundle.image_features(images), dim=-1) @ nn.functional.normalize(text.float(), dim=-1).T
+    cosine = cosine.cpu()
+    truth = torch.tensor([classes.index(tuple(label)) for label in labels])
+    best = cosine.argmax(1)
+    same_colour = torch.tensor([[a[0] == b[0] for b in classes] for a in classes])[truth]
+    same_shape = torch.tensor([[a[1] == b[1] for b in classes] for a in classes])[truth]
+    matching = nn.functional.one_hot(truth, len(classes)).bool()
+    score = 100 * cosine
+    return {
+        "images": len(labels),
+        "retrieval_accuracy": float((best == truth).float().mean()),
+        "colour_accuracy": float(torch.tensor([classes[b][0] == classes[t][0] for b, t in zip(best, truth)]).float().mean()),
+        "shape_accuracy": float(torch.tensor([classes[b][1] == classes[t][1] for b, t in zip(best, truth)]).float().mean()),
+        "clip_score_matching": float(score[matching].mean()),
+        "clip_score_mismatched": float(score[~matching].mean()),
+        "clip_score_other_colour": float(score[same_shape & ~matching].mean()),
+        "clip_score_other_shape": float(score[same_colour & ~matching].mean()),
+    }
 
 
 def image_tensors(images: torch.Tensor, device: torch.device) -> list[torch.Tensor]:

@@ -46,7 +46,8 @@ from evaluation import prompt_sets
 from evaluation.aesthetic import AestheticHead
 from evaluation.binding import VQA, BlipVQA, binding_set
 from evaluation.demo_readback import DemoVQA
-from evaluation.clip_models import CLIPBundle, cross_language_similarity, image_tensors, load_clip, stand_in_clip
+from evaluation.clip_models import (DEMO_CLIP_DESCRIPTION, DEMO_CLIP_NAME, CLIPBundle, cross_language_similarity, demo_clip,
+                                     image_tensors, load_clip, stand_in_clip)
 from evaluation.image_features import FID_FEATURES, DistributionDistance, feature_space
 from evaluation.references import reference_batches
 from evaluation.report import GRID_FILE, Report, write_tensorboard
@@ -149,10 +150,14 @@ def output_size(generator: Generator) -> int:
 
 
 class SharedTools:
-    """What every run of one call uses: CLIP, the aesthetic head, the reference images' features."""
+    """What every run of one call uses: CLIP, the aesthetic head, the reference images' features.
 
-    def __init__(self, settings: EvalSettings) -> None:
+    `demo`: every run of the call is on the demo base, so without clip=PATH the demo's own
+    CLIP scores them (a random stand-in otherwise)."""
+
+    def __init__(self, settings: EvalSettings, demo: bool = False) -> None:
         self.settings = settings
+        self.demo = demo
         self._reference: tuple[DistributionDistance | None, list[str]] | None = None
 
     @cached_property
@@ -160,6 +165,9 @@ class SharedTools:
         if self.settings.clip:
             log.info("Loading CLIP from %s", self.settings.clip)
             return load_clip(self.settings.clip, self.settings.device)
+        if self.demo:
+            log.info("No clip=PATH: demo runs are scored with the demo's own CLIP")
+            return demo_clip(self.settings.device)
         log.warning("No clip=PATH: CLIP scores use a random stand-in CLIP (a code-path check, not a measure)")
         return stand_in_clip(self.settings.device)
 
@@ -458,7 +466,8 @@ def models_used(settings: EvalSettings, tools: SharedTools) -> dict[str, Any]:
     if {"captions", "multilingual", "long"} & set(settings.sets):
         clip = tools.clip
         models["clip"] = {"name": clip.name, "stand_in": clip.stand_in,
-                          "description": clip.name if clip.stand_in else f"CLIP from {settings.clip}"}
+                          "description": (f"CLIP from {settings.clip}" if settings.clip
+                                          else DEMO_CLIP_DESCRIPTION if clip.name == DEMO_CLIP_NAME else clip.name)}
     if tools.distance is not None:
         space = tools.distance.space
         models["fid_features"] = {"name": space.name, "stand_in": space.stand_in, "description": space.description}
@@ -478,6 +487,14 @@ class BaseModel:
     @property
     def name(self) -> str:
         return Path(self.path.rstrip("/")).name or self.path
+
+
+def all_on_demo_base(run_dirs: list[Path], base: BaseModel | None) -> bool:
+    """Every run of the call (and the base row, if any) is on the demo base, as its export says."""
+    kinds = [str(read_adapter_metadata(find_adapter(run_dir))["base_model"]["kind"]) for run_dir in run_dirs]
+    if base is not None:
+        kinds.append(base.kind)
+    return bool(kinds) and all(kind == "demo" for kind in kinds)
 
 
 def base_kind_of(path: str, revision: str | None) -> str:
