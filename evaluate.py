@@ -5,14 +5,16 @@
     python evaluate.py run_dir=[base,runs/demo1]                       # and the base with its own CLIP
     python evaluate.py run_dir=/scratch/run2 clip=/models/clip-vit-large-patch14 \\
         inception_weights=/models/weights-inception-2015-12-05-6726825d.pth \\
-        aesthetic_head=/models/sac+logos+ava1-l14-linearMSE.pth \\
+        aesthetic_head=/models/sac+logos+ava1-l14-linearMSE.pth binding_vqa=/models/blip-vqa-base \\
         reference=/data/coco/val2014 captions=/data/coco/annotations/captions_val2014.json fid_images=30000
 
 Writes run_dir/eval/metrics.json, run_dir/eval/grid.png (rows: prompts, columns: languages)
 and TensorBoard scalars eval/* in run_dir/tensorboard/eval, for each run, then prints one
-table. Demo runs are scored with the demo's own tiny CLIP (assets/demo_clip) unless clip= is
-given. Where real weights are missing (no clip=, no inception_weights=) stand-ins keep the
-command running offline and metrics.json says so under "stand_ins". See README "Evaluating".
+table; with several runs also one figure (comparison.png beside the first run: per-language
+bars of the main scores per run, and the grids side by side). Demo runs are scored with the
+demo's own tiny CLIP (assets/demo_clip) unless clip= is given. Where real weights are missing
+(no clip=, no inception_weights=) stand-ins keep the command running offline and metrics.json
+says so under "stand_ins". See README "Evaluating".
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ from linguadiff.config import ConfigError
 OPTIONS = {
     "run_dir": None,  # a run folder, or several: [a,b] or a,b (comparison mode); `base`: the base with its own CLIP
     "base_dir": None,  # where run_dir=base writes its eval/ (default: base-NAME beside the first run, else runs/base-NAME)
-    "sets": None,  # which prompt sets to run: [captions,multilingual,long,text] (default: all)
+    "sets": None,  # which prompt sets to run: [captions,multilingual,long,text,binding] (default: all)
     "languages": None,  # [en,zh,fr,de,es,ja] by default; must include en
     "multilingual": "auto",  # auto | demo | parallel | PATH.json (a list of {lang: prompt})
     "captions": "auto",  # auto (the reference's captions) | PATH (COCO captions json or one prompt per line)
     "long_prompts": "bundled",  # bundled | PATH (one prompt per line)
+    "binding": "auto",  # auto (the demo's two-object scenes on the demo, else bundled) | demo | bundled | PATH.json
+    "binding_vqa": None,  # a BlipForQuestionAnswering folder (e.g. Salesforce/blip-vqa-base); the demo reads its pixels
     "reference": "auto",  # auto (the demo's held-out images on the demo) | none | FOLDER | SHARD_URLS
     "reference_images": 0,  # at most this many reference images (0: all)
     "text": "auto",  # auto | none | SHARD_URLS of held-out parallel text (stage-1 measures)
@@ -47,6 +51,7 @@ OPTIONS = {
     "inception_weights": None,  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     "aesthetic_head": None,  # LAION aesthetic head state dict (.pth / .safetensors)
     "grid_prompts": 8,  # rows of the sample grid
+    "figure": "auto",  # several runs: the comparison PNG (auto: comparison.png beside the first run) | none | PATH
     "tensorboard": True,
     "device": "auto",
     "dtype": "auto",  # auto: bfloat16 on GPUs, float32 on CPUs
@@ -76,6 +81,24 @@ def run_dirs_of(value) -> list[Path | str]:
             raise ConfigError(f"run_dir {path} does not exist")
         runs.append(path)
     return runs
+
+
+def write_figure(option: str, names: list[str], reports, settings) -> Path:
+    """The comparison PNG (and its legend json) for several runs' reports; the grids are this
+    evaluation's (the multilingual set draws them), never an older one left in eval/."""
+    from PIL import Image
+
+    from evaluation.figure import write_comparison
+    from evaluation.report import GRID_FILE
+
+    path = reports[0].run_dir.parent / "comparison.png" if option == "auto" else Path(option).expanduser()
+    grids = []
+    for report in reports:
+        grid = report.eval_dir / GRID_FILE
+        fresh = "multilingual" in settings.sets and grid.is_file()
+        grids.append(Image.open(grid).convert("RGB") if fresh else None)
+    return write_comparison(path, names, [r.run_dir for r in reports], [r.metrics for r in reports], grids,
+                            settings.languages)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     names = run_names(run_dirs)
     columns = [BASE_RUN if item == BASE_RUN else names.pop(0) for item in items]
     print(comparison_table(columns, [r.metrics for r in reports]))
+    if len(reports) > 1 and str(args["figure"]) != "none":
+        try:
+            print(f"figure: {write_figure(args['figure'], columns, reports, settings)}")
+        except OSError as err:  # the metrics are written already: a picture must not lose them
+            print(f"warning: the comparison figure was not written: {err}", file=sys.stderr)
     for report in reports:
         for warning in report.stand_ins():
             print(f"note ({report.run_dir.name}): {warning}")

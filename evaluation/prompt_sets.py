@@ -10,6 +10,11 @@
   plain text, one prompt per line. The CLIP score reads them, so they are English.
 - long prompts: `evaluation/prompts/long.txt`, 24 English descriptions of about 100 words,
   every one well past CLIP's 77 tokens.
+- attribute binding (T2I-CompBench's colour / shape / texture categories):
+  `evaluation/prompts/binding.json`, two objects per prompt ("a red book and a yellow vase"),
+  each object's attribute and noun in English (the questions a VQA model is asked) and the
+  prompt in en, zh, fr, de, es, ja; on the demo, its two-object scenes
+  (`demo_data.binding_prompts`), colour binding only.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from linguadiff.config import ConfigError
 BUNDLED_DIR = Path(__file__).resolve().parent / "prompts"
 BUNDLED_PARALLEL = BUNDLED_DIR / "parallel.json"
 BUNDLED_LONG = BUNDLED_DIR / "long.txt"
+BUNDLED_BINDING = BUNDLED_DIR / "binding.json"
+BINDING_CATEGORIES = ("colour", "shape", "texture")
 REFERENCE_LANGUAGE = "en"  # the CLIP score reads English: every language is scored against it
 
 
@@ -47,13 +54,17 @@ def _check_languages(languages: list[str], option: str = "languages") -> None:
         raise ConfigError(f"option '{option}' must include '{REFERENCE_LANGUAGE}' (the CLIP score is taken against English)")
 
 
-def demo_parallel_set(languages: list[str]) -> ParallelSet:
-    """The demo's plain prompts ("a red circle", "一个红色的圆形", ...): the same colour x shape x
-    template order in every language, so they are parallel as they stand."""
+def _check_demo_languages(languages: list[str]) -> None:
     _check_languages(languages)
     unknown = [lang for lang in languages if lang not in demo_data.LANGUAGES]
     if unknown:
         raise ConfigError(f"the demo prompts have no language {unknown[0]!r}; they have {', '.join(demo_data.LANGUAGES)}")
+
+
+def demo_parallel_set(languages: list[str]) -> ParallelSet:
+    """The demo's plain prompts ("a red circle", "一个红色的圆形", ...): the same colour x shape x
+    template order in every language, so they are parallel as they stand."""
+    _check_demo_languages(languages)
     rows = {lang: demo_data.plain_prompts(lang) for lang in languages}
     labels = [(colour, shape) for _, colour, shape in rows[REFERENCE_LANGUAGE]]
     return ParallelSet("demo", {lang: [p for p, _, _ in rows[lang]] for lang in languages}, labels)
@@ -119,3 +130,78 @@ def read_long_prompts(path: str | Path = BUNDLED_LONG) -> list[str]:
     if not prompts:
         raise ConfigError(f"option 'long_prompts': {path} holds no prompt")
     return prompts
+
+
+@dataclass(frozen=True)
+class BindingItem:
+    """One binding prompt: its category, its objects as (attribute, noun) in English, its text per language."""
+
+    category: str
+    objects: tuple[tuple[str, str], ...]
+    prompts: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BindingSet:
+    name: str
+    items: list[BindingItem]
+
+    def prompts(self, lang: str) -> list[str]:
+        return [item.prompts[lang] for item in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def read_binding_file(path: str | Path, languages: list[str]) -> BindingSet:
+    """A json list of ``{"category": "colour", "objects": [{"attribute": "red", "noun": "book"}, ...],
+    "prompts": {"en": "a red book and a yellow vase", "zh": ...}}``; errors name the file and item."""
+    _check_languages(languages)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"option 'binding': no such file {path}")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"option 'binding': {path} is not valid json: {err}") from None
+    if not isinstance(rows, list) or not rows:
+        raise ConfigError(f"option 'binding': {path} must hold a non-empty list of binding items")
+    items = []
+    for i, row in enumerate(rows):
+        where = f"option 'binding': item {i} of {path}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where} is not an object")
+        if row.get("category") not in BINDING_CATEGORIES:
+            raise ConfigError(f"{where}: 'category' must be one of {', '.join(BINDING_CATEGORIES)}, got {row.get('category')!r}")
+        objects = row.get("objects")
+        if not isinstance(objects, list) or len(objects) < 2:
+            raise ConfigError(f"{where}: 'objects' must list at least two {{\"attribute\": ..., \"noun\": ...}} objects")
+        pairs = []
+        for k, obj in enumerate(objects):
+            if not (isinstance(obj, dict) and all(isinstance(obj.get(f), str) and obj[f].strip() for f in ("attribute", "noun"))):
+                raise ConfigError(f"{where}: object {k} needs a non-empty English 'attribute' and 'noun', got {obj!r}")
+            pairs.append((obj["attribute"].strip(), obj["noun"].strip()))
+        prompts = row.get("prompts")
+        if not isinstance(prompts, dict):
+            raise ConfigError(f"{where}: 'prompts' must be an object of {{language: prompt}}")
+        missing = [lang for lang in languages if not isinstance(prompts.get(lang), str) or not prompts[lang].strip()]
+        if missing:
+            raise ConfigError(f"{where} has no {missing[0]!r} prompt (set languages=[...] to the languages the file has)")
+        items.append(BindingItem(row["category"], tuple(pairs), {lang: prompts[lang].strip() for lang in languages}))
+    name = "binding" if path == BUNDLED_BINDING else str(path)
+    return BindingSet(name, items)
+
+
+def demo_binding_set(languages: list[str]) -> BindingSet:
+    """The demo's two-object scenes ("a red circle and a blue square"), colour binding: the
+    same scenes in the same order in every language (checked)."""
+    _check_demo_languages(languages)
+    rows = {lang: demo_data.binding_prompts(lang) for lang in languages}
+    english = rows[REFERENCE_LANGUAGE]
+    for lang, lang_rows in rows.items():
+        if [objects for _, objects in lang_rows] != [objects for _, objects in english]:
+            raise ValueError(f"demo_data.binding_prompts({lang!r}) is not parallel to the English scenes")
+    items = [BindingItem("colour", tuple((colour, shape) for colour, shape in objects),
+                         {lang: rows[lang][i][0] for lang in languages})
+             for i, (_, objects) in enumerate(english)]
+    return BindingSet("demo", items)

@@ -79,7 +79,7 @@ def format_value(metric: str, value: float | None) -> str:
     """Accuracies and recalls as percentages, everything else with 4 significant digits."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if metric.startswith(("colour/", "shape/")) or "/recall@" in metric:
+    if metric.startswith(("colour/", "shape/", "binding_objects/")) or "/recall@" in metric:
         return f"{100 * value:.1f}%"
     return f"{value:.4g}"
 

@@ -11,7 +11,10 @@ Prompt sets and what they measure (option ``sets``):
   the colour / shape accuracy and aesthetic measure read back from the pixels;
 - ``long``: prompts past CLIP's 77 tokens: the CLIP score against their first 77 tokens
   (all CLIP reads) and against the rest (what only the LLM read);
-- ``text``: stage-1 measures on held-out parallel text (no images).
+- ``text``: stage-1 measures on held-out parallel text (no images);
+- ``binding``: attribute binding (T2I-CompBench's colour / shape / texture), two objects per
+  prompt, every language, scored per object by a VQA model (``binding_vqa=PATH``, BLIP-VQA;
+  on the demo its pixel read-back stands in; see `evaluation.binding`).
 
 What several runs share (CLIP, the aesthetic head, the reference features) is loaded once
 in :class:`SharedTools`; each run then gets its own ``eval/metrics.json``.
@@ -41,6 +44,8 @@ from linguadiff.config import CONFIG_DIR, ConfigError
 from evaluation.demo_eval import score_demo_images
 from evaluation import prompt_sets
 from evaluation.aesthetic import AestheticHead
+from evaluation.binding import VQA, BlipVQA, binding_set
+from evaluation.demo_readback import DemoVQA
 from evaluation.clip_models import (DEMO_CLIP_DESCRIPTION, DEMO_CLIP_NAME, CLIPBundle, cross_language_similarity, demo_clip,
                                      image_tensors, load_clip, stand_in_clip)
 from evaluation.image_features import FID_FEATURES, DistributionDistance, feature_space
@@ -52,7 +57,7 @@ from linguadiff.generation import Generator, require_on_this_machine
 
 log = logging.getLogger(__name__)
 
-SETS = ("captions", "multilingual", "long", "text")
+SETS = ("captions", "multilingual", "long", "text", "binding")
 BASE_RUN = "base"  # run_dir=base: the base model with its own CLIP, evaluated like a run
 PROGRESS_EVERY_S = 10.0
 
@@ -98,6 +103,8 @@ class EvalSettings:
     dtype: str
     base: str | None
     llm: str | None
+    binding: str = "auto"
+    binding_vqa: str | None = None
     trust_remote_code: bool = False  # the user's `llm.trust_remote_code=true`: an export's LLM may run its own code
 
     @classmethod
@@ -118,15 +125,16 @@ class EvalSettings:
         if prompt_sets.REFERENCE_LANGUAGE not in languages:
             raise ConfigError(f"option 'languages' must include '{prompt_sets.REFERENCE_LANGUAGE}' (the CLIP score reads English)")
         fields = {k: args[k] for k in cls.__dataclass_fields__ if k in args}
-        for name in ("clip", "inception_weights", "aesthetic_head", "base", "llm"):  # paths, even if YAML reads a number
-            fields[name] = None if fields[name] is None else str(fields[name])
+        for name in ("clip", "inception_weights", "aesthetic_head", "base", "llm", "binding_vqa"):  # paths, even if YAML reads a number
+            if name in fields:
+                fields[name] = None if fields[name] is None else str(fields[name])
         fields.update(sets=sets, languages=languages, device=device, dtype=dtype,
                       trust_remote_code=bool(args.get("llm.trust_remote_code", False)))
         return cls(**fields)
 
     def describe(self) -> dict[str, Any]:
         """The settings metrics.json records (what decides the numbers)."""
-        keep = ("sets", "languages", "multilingual", "captions", "long_prompts", "reference", "reference_images", "text",
+        keep = ("sets", "languages", "multilingual", "captions", "long_prompts", "reference", "reference_images", "text", "binding",
                 "num_images", "fid_images", "seed", "fid_features", "device", "dtype")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k in keep}
 
@@ -173,6 +181,11 @@ class SharedTools:
             raise ConfigError(f"option 'aesthetic_head': the head reads {head.input_dim}-d embeddings but "
                               f"clip={self.settings.clip} gives {width}-d ones (LAION's heads are for CLIP ViT-L/14: 768)")
         return head.to(self.settings.device)
+
+    @cached_property
+    def binding_vqa(self) -> BlipVQA:
+        log.info("Loading BLIP-VQA from %s", self.settings.binding_vqa)
+        return BlipVQA(self.settings.binding_vqa, self.settings.device, self.settings.dtype, self.settings.batch_size)
 
     @property
     def distance(self) -> DistributionDistance | None:
@@ -332,6 +345,39 @@ def long_set(drawer: Drawer, settings: EvalSettings, tools: SharedTools, report:
     report.metrics["long/clip_score"] = _score(head)
     report.metrics["long/clip_score_beyond_77"] = _score(tail)
     report.counts.update({"long/prompts": len(prompts), "long/prompts_beyond_77": sum(bool(b) for b in beyond)})
+
+
+def binding_for(option: str, languages: list[str], demo: bool) -> prompt_sets.BindingSet | str:
+    """`auto`: the demo's two-object scenes on the demo base, else the bundled set; a string says why there is none."""
+    choice = ("demo" if demo else "bundled") if option == "auto" else option
+    if choice == "demo":
+        if not hasattr(demo_data, "binding_prompts"):
+            return "the demo data has no two-object scenes (demo_data.binding_prompts) in this version"
+        return prompt_sets.demo_binding_set(languages)
+    return prompt_sets.read_binding_file(prompt_sets.BUNDLED_BINDING if choice == "bundled" else choice, languages)
+
+
+def binding_vqa_for(settings: EvalSettings, tools: SharedTools, bset: prompt_sets.BindingSet) -> VQA | str:
+    """BLIP-VQA from `binding_vqa=PATH`; without it, the demo read-back for the demo's own scenes; a string says why none."""
+    if settings.binding_vqa:
+        return tools.binding_vqa
+    if bset.name == "demo":
+        return DemoVQA()
+    return ("no binding_vqa=PATH (a BlipForQuestionAnswering folder, e.g. Salesforce/blip-vqa-base); "
+            "the demo's read-back answers only for the demo's own scenes")
+
+
+def run_binding_set(drawer: Drawer, settings: EvalSettings, tools: SharedTools, report: Report, demo: bool) -> None:
+    bset = binding_for(settings.binding, settings.languages, demo)
+    vqa = binding_vqa_for(settings, tools, bset) if not isinstance(bset, str) else bset
+    if isinstance(vqa, str):
+        report.skipped["binding"] = vqa
+        return
+    metrics, counts = binding_set(drawer, settings.languages, bset, vqa, settings.num_images, settings.seed,
+                                  settings.batch_size)
+    report.metrics.update(metrics)
+    report.counts.update(counts)
+    report.models["binding_vqa"] = {"name": vqa.name, "stand_in": vqa.stand_in, "description": vqa.name}
 
 
 def text_set(generator: Generator, cfg: DictConfig | None, settings: EvalSettings, report: Report) -> None:
@@ -553,13 +599,15 @@ def _evaluate(generator: Generator, report: Report, cfg: DictConfig | None, sett
             grid_rows = multilingual_set(drawer, settings, tools, report, parallel, demo)
         elif name == "long":
             long_set(drawer, settings, tools, report)
+        elif name == "binding":
+            run_binding_set(drawer, settings, tools, report, demo)
         elif skip_text:
             report.skipped["text"] = skip_text
         else:
             text_set(generator, cfg, settings, report)
         report.timings_s[name] = time.perf_counter() - set_started
         log.info("%s: %s set done in %.1f s", run_dir.name, name, report.timings_s[name])
-    report.models = models_used(settings, tools)
+    report.models = {**models_used(settings, tools), **report.models}
     report.metrics = {k: v for k, v in report.metrics.items() if v is not None}
     grid = image_grid([row for row in grid_rows if row]) if any(grid_rows) else None
     if grid is not None:

@@ -369,8 +369,10 @@ def test_evaluate_compares_two_demo_runs_end_to_end(assets, eval_data, tmp_path,
     second = shutil.copytree(first, tmp_path / "runs" / "second")
     long_prompts = tmp_path / "long.txt"
     long_prompts.write_text("".join(f"a {c} circle on a white background, " * 15 + "\n" for c in ("red", "blue")), encoding="utf-8")
+    # Every set but binding (tests/test_binding.py runs it end to end; its 72 demo prompts would triple the drawing here).
     code = evaluate.main([f"run_dir=[{first},{second}]", f"reference={eval_data['images']}", f"text={assets['val']}",
-                          "languages=[en,zh,ja]", f"long_prompts={long_prompts}", *quick()])
+                          "languages=[en,zh,ja]", f"long_prompts={long_prompts}", "sets=[captions,multilingual,long,text]",
+                          *quick()])
     assert code == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
@@ -411,8 +413,13 @@ def test_the_base_with_its_own_clip_is_a_row_beside_the_runs(assets, tmp_path, c
     code = evaluate.main([f"run_dir=[base,{run}]", "sets=[multilingual,text]", "languages=[en,zh]", f"text={assets['val']}",
                           *quick(steps=1)])
     assert code == 0
-    assert capsys.readouterr().out.splitlines()[0].split() == ["metric", "base", "llm"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["metric", "base", "llm"]
     base_dir = tmp_path / "runs" / "base-demo_base"
+    figure = tmp_path / "runs" / "comparison.png"  # beside the table: bars per language and run, the two grids
+    assert f"figure: {figure}" in out and Image.open(figure).width > 2 * 64 * 2
+    legend = json.loads(figure.with_suffix(".json").read_text(encoding="utf-8"))
+    assert [r["label"] for r in legend["runs"]] == ["base", "llm"] and legend["panels"][:2] == ["colour", "shape"]
     report = json.loads((base_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     ours = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert report["stage"] == "base" and report["base_model"].endswith("demo_base")
