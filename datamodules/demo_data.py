@@ -219,14 +219,15 @@ _PHRASES = json.loads(resources.files("datamodules").joinpath("demo_phrases.json
 LEXICON: dict[str, dict] = _PHRASES["lexicon"]
 PLAIN_PROMPTS: dict[str, list[str]] = _PHRASES["plain_prompts"]
 _DE_GENDER: dict[str, str] = _PHRASES["de_gender"]
-PLAIN_BINDING: dict[str, str] = _PHRASES["plain_binding"]
+PLAIN_BINDING: dict[str, str] = _PHRASES.get("plain_binding", {})
 # Phrase lists kept beside the lexicon (one line per language in the file), merged into it:
 # `object`, noun phrases of one shape for two-shape captions; `pair`, how two are joined;
 # `request`, verbs before a noun phrase ("create "); `tag`, style words after one (", 4k");
 # `filler`, a language's most frequent words, strewn around some captions (`_strewn`).
 for _key in ("object", "pair", "request", "tag", "filler"):
-    for _lang, _phrases in _PHRASES[_key].items():
-        LEXICON[_lang][_key] = _phrases
+    for _lang, _phrases in _PHRASES.get(_key, {}).items():
+        if _lang in LEXICON:
+            LEXICON[_lang][_key] = _phrases
 _missing = [lang for lang in LANGUAGES
             if lang not in LEXICON or lang not in PLAIN_PROMPTS or lang not in PLAIN_BINDING
             or any(key not in LEXICON[lang] for key in ("object", "pair", "request", "tag", "filler"))]
