@@ -205,6 +205,21 @@ def write_model_card(directory: Path, metadata: dict, adapter: dict | None) -> N
         f"- adapter: width {adapter['dim']}, {adapter['num_queries']} queries, "
         f"{adapter['encoder_layers']}+{adapter['decoder_layers']} layers, {adapter['heads']} heads"
         + (f", pooled {adapter['pooled_dim']}" if adapter.get("pooled_dim") else ""),
+        *_training_and_use_lines(train, directory),
+        "```python",
+        "from linguadiff.models.prompt_encoder import PromptEncoder",
+        f"encoder, meta = PromptEncoder.from_export(\"{directory / 'adapter.safetensors'}\")",
+        "cond = encoder.encode([\"a red circle\"])  # {'context': [1, N, D], 'pooled': ... or None}",
+        "# then pass cond['context'] as prompt_embeds to the diffusers pipeline of the base model",
+        "```",
+        "",
+    ]
+    (directory / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _training_and_use_lines(train: dict, directory: Path) -> list[str]:
+    """The model cards' optimiser and data lines, then how to draw with the export."""
+    return [
         f"- AdamW lr {train['lr']}, weight decay {train['weight_decay']}, batch {train['batch_size']} per device, "
         f"{train['devices']} device(s) x {train['num_nodes']} node(s), precision {train['precision']}",
         f"- data: `{train['data']}`",
@@ -215,15 +230,7 @@ def write_model_card(directory: Path, metadata: dict, adapter: dict | None) -> N
         f"python generate.py run_dir={directory.parent} prompt=\"a red circle\" num_images=4 out_dir=out",
         "```",
         "",
-        "```python",
-        "from linguadiff.models.prompt_encoder import PromptEncoder",
-        f"encoder, meta = PromptEncoder.from_export(\"{directory / 'adapter.safetensors'}\")",
-        "cond = encoder.encode([\"a red circle\"])  # {'context': [1, N, D], 'pooled': ... or None}",
-        "# then pass cond['context'] as prompt_embeds to the diffusers pipeline of the base model",
-        "```",
-        "",
     ]
-    (directory / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def write_control_card(directory: Path, metadata: dict) -> None:
@@ -253,16 +260,7 @@ def write_control_card(directory: Path, metadata: dict) -> None:
         "",
         "## Training settings",
         "",
-        f"- AdamW lr {train['lr']}, weight decay {train['weight_decay']}, batch {train['batch_size']} per device, "
-        f"{train['devices']} device(s) x {train['num_nodes']} node(s), precision {train['precision']}",
-        f"- data: `{train['data']}`",
-        "",
-        "## Use",
-        "",
-        "```bash",
-        f"python generate.py run_dir={directory.parent} prompt=\"a red circle\" num_images=4 out_dir=out",
-        "```",
-        "",
+        *_training_and_use_lines(train, directory),
     ]
     if (directory / "unet").is_dir() and base["kind"] in ("sd15", "sdxl"):
         pipeline = "StableDiffusionXLPipeline" if base["kind"] == "sdxl" else "StableDiffusionPipeline"
