@@ -88,7 +88,8 @@ def held_out_text_metrics(prompt_encoder: PromptEncoder, cfg: DictConfig, urls: 
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"option 'text': {err}") from None
     device = prompt_encoder.device
-    teacher_model = CLIPTeacher(base_path or cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype).to(device)
+    teacher_model = CLIPTeacher(base_path or cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype,
+                                revision=None if base_path else cfg.model.revision).to(device)
     alignment = alignment_loss_from_config(cfg.loss, teacher_model.context_parts)
     # The LLM reads what stage 1 fed it: what the teacher read of each caption.
     student_tokenizer = TeacherBoundedTokenizer(prompt_encoder.tokenizer, teacher_model.tokenizer)

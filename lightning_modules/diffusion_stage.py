@@ -125,7 +125,7 @@ class DiffusionStage(StageModule):
             export = init_export(cfg, 2)
             check_handoff(cfg, read_export_metadata(export), export)
             (unet, lora_on), start = cls.unet_for(cfg, export, diffusion), f"{export} (a control's stage-2 export)"
-        clip = CLIPTeacher(m.path, teacher_kind(m.kind), dtype=m.dtype, windows=1)
+        clip = CLIPTeacher(m.path, teacher_kind(m.kind), dtype=m.dtype, windows=1, revision=m.revision)
         vae = load_vae(m.path, m.kind, m.dtype, m.revision)
         scheduler = load_noise_scheduler(m.path, cfg.diffusion.prediction_type, m.revision)
         log.info("Stage %d control run: the base's own frozen CLIP (text_encoder=clip), the UNet starts from %s",

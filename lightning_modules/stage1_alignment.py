@@ -49,7 +49,8 @@ class Stage1Alignment(StageModule):
     def from_config(cls, cfg: DictConfig) -> "Stage1Alignment":
         """Load the LLM and the base's CLIP teacher (from_pretrained) and build a fresh adapter."""
         text_encoder = LLMTextEncoder.from_settings(cfg.llm, device=llm_device(cfg))
-        teacher = CLIPTeacher(cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype)
+        teacher = CLIPTeacher(cfg.model.path, kind=teacher_kind(cfg.model.kind), dtype=cfg.model.dtype,
+                              revision=cfg.model.revision)
         prompt_encoder = PromptEncoder.with_new_adapter(text_encoder, cfg.adapter)
         try:
             check_fit(prompt_encoder, teacher, llm_name=cfg.llm.name, base_name=cfg.model.name)

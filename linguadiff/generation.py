@@ -100,7 +100,8 @@ class Generator:
             from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 
             base = meta["base_model"]
-            encoder = CLIPTeacher(base_path or base["path"], teacher_kind(base["kind"]), dtype=dtype, windows=1).eval()
+            encoder = CLIPTeacher(base_path or base["path"], teacher_kind(base["kind"]), dtype=dtype, windows=1,
+                                  revision=None if base_path else base.get("revision")).eval()
         else:
             encoder, meta = PromptEncoder.from_export(export / ADAPTER_FILE, llm_path=llm_path, dtype=dtype,
                                                       trust_remote_code=trust_remote_code)
@@ -123,7 +124,8 @@ class Generator:
         """The base model with its own CLIP text encoder: the reference the adapter must match."""
         from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 
-        encoder = CLIPTeacher(base_path, kind=teacher_kind(kind), dtype=dtype).to(device)
+        # The pipeline's own conditioning (one window of 77 tokens for SDXL), as diffusers draws with the base.
+        encoder = CLIPTeacher(base_path, kind=teacher_kind(kind), dtype=dtype, windows=1, revision=revision).to(device)
         pipeline = load_pipeline(kind, base_path, None, torch_dtype(dtype), revision)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)

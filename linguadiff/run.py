@@ -55,6 +55,8 @@ IDENTITY_KEYS = (
     "diffusion.prediction_type", "loss.type", "loss.per_encoder",  # the objective
     "trainer.strategy",  # compared by family: auto and ddp save whole checkpoints, fsdp sharded ones
 )
+# Identity keys a control run (text_encoder=clip) does not use.
+CONTROL_UNUSED = ("llm.", "adapter")
 _ABSENT = object()
 # trainer.strategy values whose checkpoints read alike.
 STRATEGY_FAMILIES = {"auto": "unsharded", "ddp": "unsharded", "fsdp": "sharded"}
@@ -97,7 +99,11 @@ class RunDir:
         saved = root / "config.yaml"
         if saved.exists():
             previous = OmegaConf.load(saved)
+            # A control run (text_encoder=clip, compared first) reads no LLM and has no adapter.
+            control = OmegaConf.select(cfg, "text_encoder") == "clip"
             for key in IDENTITY_KEYS:
+                if control and key.startswith(CONTROL_UNUSED):
+                    continue
                 old, new = OmegaConf.select(previous, key, default=_ABSENT), OmegaConf.select(cfg, key)
                 if old is _ABSENT:
                     continue  # saved before this key existed: nothing to compare with

@@ -89,6 +89,21 @@ def test_run_dir_refuses_another_experiment(tmp_path):
         RunDir.prepare(resolve(load_config([f"run_dir={tmp_path}", "data=custom", "llm=qwen2.5-1.5b"])))
 
 
+def test_a_control_run_resumes_whatever_the_llm_settings_say(tmp_path):
+    """A control run (text_encoder=clip) reads no LLM and has no adapter: their keys do not make
+    it another experiment; the text encoder and the base still do."""
+    def prepare(*extra):
+        return RunDir.prepare(resolve(load_config([f"run_dir={tmp_path}", "data=custom", "stage=2", "text_encoder=clip",
+                                                   *extra])))
+
+    prepare().release()
+    prepare("llm=qwen2.5-1.5b", "adapter.dim=64", "trainer.max_steps=99").release()
+    with pytest.raises(ConfigError, match="model.path"):
+        prepare("model=sdxl")
+    with pytest.raises(ConfigError, match="text_encoder"):
+        prepare("text_encoder=llm")
+
+
 def test_config_resolves_demo_shards_only_once_datamodules_registered_them(tmp_path, monkeypatch):
     import subprocess
     import sys

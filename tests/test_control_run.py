@@ -91,11 +91,12 @@ def _plain_pipeline(kind: str, base: Path, unet_dir: Path):
     return StableDiffusionXLPipeline.from_pretrained(base, unet=unet)
 
 
-def check_matches_diffusers(kind: str, base: Path, run_dir: Path) -> None:
-    """Generator.from_run and the plain diffusers pipeline: the same conditioning and the same
-    latents from the same seed (to ~1e-5), and the same image."""
-    generator = Generator.from_run(run_dir)
-    plain = _plain_pipeline(kind, base, run_dir / "export" / "unet")
+def check_matches_diffusers(kind: str, base: Path, run_dir: Path | None) -> None:
+    """Generator.from_run (run_dir None: Generator.from_base, the base's own UNet) and the plain
+    diffusers pipeline: the same conditioning and the same latents from the same seed (to
+    ~1e-5), and the same image."""
+    generator = Generator.from_run(run_dir) if run_dir is not None else Generator.from_base(str(base), kind)
+    plain = _plain_pipeline(kind, base, run_dir / "export" / "unet" if run_dir is not None else base / "unet")
     plain.set_progress_bar_config(disable=True)
     ours = generator.encoder.encode([PROMPT])
     if kind == "sd15":
@@ -144,6 +145,13 @@ def test_control_sdxl_uses_both_encoders_pooled_and_time_ids_and_matches_diffuse
     base, trained = _unet_state(world["sdxl"] / "unet"), _unet_state(run_dir / "export" / "unet")
     assert any(not torch.equal(base[k], trained[k]) for k in base)
     check_matches_diffusers("sdxl", world["sdxl"], run_dir)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_the_base_row_draws_as_the_bases_own_diffusers_pipeline(world, kind):
+    """evaluate.py's `base` row (Generator.from_base): the base exactly as diffusers draws it,
+    SDXL's prompt in the pipeline's one window of 77 tokens (not stage 1's three)."""
+    check_matches_diffusers(kind, world[kind], None)
 
 
 def test_control_stage3_continues_with_clip_and_resume_may_not_switch(world, sd15_control, tmp_path, capsys):

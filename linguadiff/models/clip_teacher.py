@@ -61,16 +61,18 @@ class CLIPPromptTokenizer:
       (windows for CLIP-L and for bigG, each tokenized by its own tokenizer).
     """
 
-    def __init__(self, base_path: str | Path, kind: TeacherKind, windows: int = SDXL_WINDOWS) -> None:
+    def __init__(self, base_path: str | Path, kind: TeacherKind, windows: int = SDXL_WINDOWS,
+                 revision: str | None = None) -> None:
         if kind not in ("sd15", "sdxl"):
             raise ValueError(f"teacher kind must be 'sd15' or 'sdxl', got {kind!r}")
         if not 1 <= windows <= SDXL_WINDOWS:
             raise ValueError(f"windows must be 1 to {SDXL_WINDOWS}, got {windows!r}")
         self.kind: TeacherKind = kind
         self.windows = windows  # sdxl: 75-token windows (1: the SDXL pipeline's own form)
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer")
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer", revision=revision)
         self.tokenizer_2 = (
-            CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer_2") if kind == "sdxl" else None
+            CLIPTokenizer.from_pretrained(str(base_path), subfolder="tokenizer_2", revision=revision)
+            if kind == "sdxl" else None
         )
         self.max_length = int(self.tokenizer.model_max_length)  # 77 for every SD base
         self.window = self.max_length - 2  # prompt tokens per window, between BOS and EOS
@@ -224,16 +226,19 @@ class CLIPTeacher(nn.Module):
     """
 
     def __init__(self, base_path: str | Path, kind: TeacherKind, dtype: str | torch.dtype = "float32",
-                 windows: int = SDXL_WINDOWS) -> None:
+                 windows: int = SDXL_WINDOWS, revision: str | None = None) -> None:
         """`windows` (sdxl): 3 for stage 1's long-prompt target (227 tokens), 1 for the SDXL
-        pipeline's own conditioning (77 tokens)."""
+        pipeline's own conditioning (77 tokens). `revision`: the base's (config `model.revision`),
+        as for its UNet, VAE and scheduler."""
         super().__init__()
-        self._tokenizer = CLIPPromptTokenizer(base_path, kind, windows)
+        self._tokenizer = CLIPPromptTokenizer(base_path, kind, windows, revision)
         self.kind: TeacherKind = kind
         dtype = torch_dtype(dtype)
-        self.text_encoder = freeze(CLIPTextModel.from_pretrained(str(base_path), subfolder="text_encoder", dtype=dtype))
+        self.text_encoder = freeze(CLIPTextModel.from_pretrained(str(base_path), subfolder="text_encoder", dtype=dtype,
+                                                                 revision=revision))
         self.text_encoder_2 = (
-            freeze(CLIPTextModelWithProjection.from_pretrained(str(base_path), subfolder="text_encoder_2", dtype=dtype))
+            freeze(CLIPTextModelWithProjection.from_pretrained(str(base_path), subfolder="text_encoder_2", dtype=dtype,
+                                                              revision=revision))
             if kind == "sdxl"
             else None
         )
