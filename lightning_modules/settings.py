@@ -84,6 +84,7 @@ class DiffusionSettings:
     ema_update_every: int = 1
     lora: LoraSettings | None = None  # train.unet=lora: the UNet trains as a LoRA (None: full fine-tune)
     merge_lora: bool = False  # export.merge_lora: also export the merged UNet
+    encode_ahead: bool = False  # speed.encode_ahead: the next batch's LLM forward runs during this step
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "DiffusionSettings":
@@ -95,4 +96,5 @@ class DiffusionSettings:
         return cls(base_kind=str(cfg.model.kind), lora=lora, merge_lora=bool(cfg.export.merge_lora),
                    loss=DiffusionLossConfig(d.min_snr_gamma, float(d.input_perturbation), float(d.noise_offset)),
                    val_timesteps=tuple(int(t) for t in d.val_timesteps), gradient_checkpointing=bool(d.gradient_checkpointing),
-                   ema_decay=float(cfg.ema.decay), ema_update_every=int(cfg.ema.update_every))
+                   ema_decay=float(cfg.ema.decay), ema_update_every=int(cfg.ema.update_every),
+                   encode_ahead=bool(cfg.speed.encode_ahead))

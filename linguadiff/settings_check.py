@@ -113,6 +113,7 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     _check_text_encoder(cfg, c, p, stage, training)
     c.parts("speed.compile", OmegaConf.select(cfg, "speed.compile") or [], parts, stage)
     _check_lora(cfg, c, p, stage, trainable or [])
+    _check_speed_levers(cfg, p, stage, control)
     c.choice("speed.compile_mode", COMPILE_MODES)
 
     # diffusion and EMA (stages 2-3; checked always: a typo is a typo)
@@ -222,6 +223,28 @@ def _check_text_encoder(cfg: DictConfig, c: "_Checker", p: Problems, stage, trai
     if OmegaConf.select(cfg, "trainer.strategy") == "fsdp":
         p.append("config key 'text_encoder' is clip, which does not run under strategy=fsdp (trainer.strategy=fsdp; "
                  "FSDP's units are made for the LLM and adapter): use strategy=ddp")
+
+
+# ---------------------------------------------------------------------- speed levers
+
+
+def _check_speed_levers(cfg: DictConfig, p: Problems, stage, control: bool) -> None:
+    """speed.encode_ahead (linguadiff/models/encode_ahead.py)."""
+    ahead = OmegaConf.select(cfg, "speed.encode_ahead")
+    if not isinstance(ahead, bool):
+        p.append(f"config key 'speed.encode_ahead' must be true or false, got {_show(ahead)}")
+    elif ahead:
+        if stage not in (2, 3):
+            p.append(f"config key 'speed.encode_ahead' is true, which only stages 2 and 3 have (stage {stage} "
+                     "encodes its own batch's text): set speed.encode_ahead=false")
+        if control:
+            p.append("config key 'speed.encode_ahead' is true, but a text_encoder=clip run has no LLM to run ahead: "
+                     "set speed.encode_ahead=false")
+        if OmegaConf.select(cfg, "trainer.strategy") == "fsdp":
+            # Under FSDP the LLM's forward gathers its shards: collectives on a second stream,
+            # interleaved differently on each rank, is not something verified here.
+            p.append("config key 'speed.encode_ahead' is true, which is not verified under strategy=fsdp "
+                     "(trainer.strategy=fsdp): set speed.encode_ahead=false, or use strategy=ddp")
 
 
 # ---------------------------------------------------------------------- LoRA

@@ -214,3 +214,15 @@ def test_strategy_change_says_why(shards, tmp_path):
     RunDir.prepare(config(shards, run_dir, "trainer.strategy=ddp"))
     with pytest.raises(ConfigError, match=r"\(unsharded checkpoints cannot be resumed sharded\)"):
         RunDir.prepare(config(shards, run_dir, "trainer.strategy=fsdp"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["speed.encode_ahead=true"], "only stages 2 and 3"),
+    (["stage=2", "speed.encode_ahead=true", "text_encoder=clip"], "no LLM to run ahead"),
+    (["stage=2", "speed.encode_ahead=true", "trainer.strategy=fsdp"], "not verified under strategy=fsdp"),
+])
+def test_speed_levers_are_refused_where_they_do_not_run(shards, overrides, message):
+    problems = [p for p in settings_problems(config(shards, *overrides), training=False) if "speed." in p]
+    assert len(problems) == 1 and message in problems[0] and "'speed.encode_ahead'" in problems[0], problems
+    assert not [p for p in settings_problems(config(shards, "stage=2", "speed.encode_ahead=true"), training=False)
+                if "speed." in p]
