@@ -49,12 +49,13 @@ class StageSettings:
     compile: tuple[str, ...] = ()  # parts compiled in place
     compile_mode: str = "default"
     channels_last: bool = False  # the UNet's convolutions (and its inputs) in channels-last
+    float8: tuple[str, ...] = ()  # parts whose linear layers train in float8 (torchao)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "StageSettings":
         return cls(stage=int(cfg.stage), trainable=tuple(cfg.train.trainable), optim=OptimSettings.from_config(cfg),
                    compile=tuple(cfg.speed.compile), compile_mode=str(cfg.speed.compile_mode),
-                   channels_last=bool(cfg.speed.channels_last))
+                   channels_last=bool(cfg.speed.channels_last), float8=tuple(cfg.speed.float8))
 
 
 @dataclass(frozen=True)
