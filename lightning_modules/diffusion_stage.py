@@ -209,17 +209,23 @@ class DiffusionStage(StageModule):
             added = {"text_embeds": cond["pooled"], "time_ids": time_ids}
         return cond["context"], added
 
+    def llm_ahead(self, batch: dict) -> tuple[list, list] | None:
+        """`speed.encode_ahead`, at the start of a training step: this batch's LLM features if
+        the previous step made them (else None: `conditioning` runs the LLM), then the next
+        batch's LLM forward starts, overlapping this step's VAE, adapter and UNet (a side
+        CUDA stream; in line on a CPU)."""
+        if self.encode_ahead is None:
+            return None
+        ahead = self.encode_ahead.take(batch)
+        self.encode_ahead.launch(self.prompt_encoder, batch, grouped=not self.sharded)
+        return ahead
+
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.count_skipped(batch)
         size = self.batch_size_of(batch)
-        llm_ahead = None
-        if self.encode_ahead is not None:
-            # This batch's LLM features if the previous step made them; then the next batch's
-            # LLM forward starts, overlapping this step's VAE, adapter and UNet (side stream).
-            llm_ahead = self.encode_ahead.take(batch)
-            self.encode_ahead.launch(self.prompt_encoder, batch, grouped=not self.sharded)
+        llm_ahead = self.llm_ahead(batch)
         x0 = self.to_model_space(batch)
         context, added = self.conditioning(batch, llm_ahead)
         loss = diffusion_loss(self.unet, self.noise_scheduler, x0, context, self.diffusion.loss, added).mean()
