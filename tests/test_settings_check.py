@@ -242,3 +242,17 @@ def test_float8_without_torchao_names_the_key_and_the_extra(shards, monkeypatch)
     problems = [p for p in settings_problems(config(shards, "stage=2", "speed.float8=[unet]"), training=False)
                 if "speed." in p]
     assert len(problems) == 1 and "'speed.float8'" in problems[0] and ".[float8]" in problems[0], problems
+
+
+def test_float8_refuses_a_gpu_without_float8_matmuls(monkeypatch):
+    import torch
+
+    from linguadiff.models.float8 import check_float8_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"'speed.float8'.*A100.* 8\.0"):
+        check_float8_device(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_float8_device(torch.device("cuda", 0))  # H100/H200
+    check_float8_device(torch.device("cpu"))
