@@ -11,6 +11,14 @@ img/s on an H200). Everything here is measured, never asserted.
     python benchmarks/bench_stage2.py --preset sdxl-7b --json OUT.json   # GPU, random SDXL + 7B (sd15-7b: SD1.5)
     python benchmarks/bench_stage2.py --preset sdxl-7b --tiny            # the GPU code path, tiny, on CPU
     python benchmarks/bench_stage2.py --preset sdxl-7b --lora            # train.unet=lora: UNet LoRA + adapter train
+    python benchmarks/bench_stage2.py --preset sdxl-7b --encode-ahead --float8 --only a,e,e+,f,f8   # speed levers
+
+Speed levers (issue 11): ``--encode-ahead`` adds row e+ (f+ with --cached-latents), the full
+step with ``speed.encode_ahead`` (the next batch's LLM forward on a side stream during the
+step, DiffusionStage.llm_ahead); ``--float8`` then converts the UNet's and adapter's linear
+layers as ``speed.float8=[unet,adapter]`` does and adds rows f8 (e8 without latents), and with
+``--compile`` a8' and f8' (the float8 UNet compiled). Rows a', e', f' are skipped when
+``--only`` names none of them, so a float8-only compile costs one compilation.
 
 The measured code is the project's: ``DiffusionStage`` built around the parts (which sets
 what trains, gradient checkpointing, the loss options and the EMA), its ``to_model_space``,
@@ -69,6 +77,7 @@ from linguadiff.models.diffusion import (  # noqa: E402
 from linguadiff.models.frozen import freeze  # noqa: E402
 from lightning_modules.diffusion_stage import DiffusionStage  # noqa: E402
 from lightning_modules.settings import DiffusionSettings, StageSettings  # noqa: E402
+from linguadiff.models.encode_ahead import NEXT_PROMPTS, EncodeAhead  # noqa: E402
 from linguadiff.models.prompt_encoder import PromptEncoder, length_groups  # noqa: E402
 from linguadiff.models.text_encoder import LLMTextEncoder, PromptTokenizer, torch_dtype  # noqa: E402
 from linguadiff.config import load_config, resolve  # noqa: E402
@@ -277,6 +286,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fsdp", action="store_true",
                    help="also time row g: the full step (cached latents) with LLM, adapter and UNet wrapped as "
                         "strategy=fsdp wraps them (one process: FSDP on one device); the last row, as it rewraps the parts")
+    p.add_argument("--encode-ahead", action="store_true",
+                   help="also time row e+ (f+ with --cached-latents): the full step with speed.encode_ahead")
+    p.add_argument("--float8", action="store_true",
+                   help="after the plain rows, convert the UNet's and adapter's linear layers to float8 training "
+                        "(speed.float8=[unet,adapter], torchao) and time row f8 (e8 without cached latents), "
+                        "with --compile also a8' and f8'")
     p.add_argument("--only", default=None,
                    help="comma-separated row letters to time (e.g. a,g); default: all that apply")
     p.add_argument("--no-ema", action="store_true", help="leave the EMA update out of the step (and free its copy)")
@@ -302,6 +317,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "(and --loader-urls for other shards)")
     if args.cached_latents and args.preset == "demo":
         p.error("--cached-latents: the demo's pixel-space base has no VAE, so it has no latents to cache")
+    if args.float8 and (args.fsdp or args.lora):
+        p.error("--float8 with --fsdp or --lora: speed.float8 is refused there (not verified)")
     return args
 
 
@@ -392,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         latent_shape = (unet.config.in_channels, resolution // factor, resolution // factor)
         if args.preset == "demo":
             datamodule = build_datamodule(cfg, module.tokenizers())
+            datamodule.next_prompts = args.encode_ahead  # batches carry the next one's tokens (NextPromptsLoader)
             loader = iter(datamodule.train_dataloader())
             first = next(loader)  # starts the workers (and builds the demo shards on first use)
 
@@ -403,7 +421,12 @@ def main(argv: list[str] | None = None) -> dict:
             def next_batch(from_cache: bool) -> dict:
                 # From pinned memory, as a GPU DataLoader delivers it; latents or images, not both.
                 unused = "image" if from_cache else "latents"
-                return to_device({k: v for k, v in first.items() if k != unused}, device)
+                batch = to_device({k: v for k, v in first.items() if k != unused}, device)
+                if args.encode_ahead:  # what NextPromptsLoader adds: the next batch's (the same) tokens
+                    tokens = batch["student_tokens"]
+                    batch[NEXT_PROMPTS] = {**tokens, "key": list(batch["key"]), "lengths": first_lengths}
+                return batch
+            first_lengths = first["student_tokens"]["attention_mask"].sum(1).tolist()
 
         lengths = first["student_tokens"]["attention_mask"].sum(1)
         groups = length_groups(lengths)
@@ -484,13 +507,15 @@ def main(argv: list[str] | None = None) -> dict:
             for p in module.adapter.parameters():
                 p.grad = None
 
-        def full_step(from_cache: bool) -> Callable[[], None]:
+        def full_step(from_cache: bool, ahead: bool = False) -> Callable[[], None]:
             def step() -> None:
                 """DiffusionStage.training_step's work, then Lightning's optimizer step."""
                 batch = next_batch(from_cache)
+                module.encode_ahead = encode_ahead if ahead else None
                 with amp():
+                    llm_ahead = module.llm_ahead(batch)  # speed.encode_ahead (row e+/f+)
                     x0 = batch["latents"] if from_cache else module.to_model_space(batch)
-                    context, added = module.conditioning(batch)
+                    context, added = module.conditioning(batch, llm_ahead)
                     loss = diffusion_loss(module.unet, module.noise_scheduler, x0, context, module.diffusion.loss, added).mean()
                 loss.backward()
                 optimizer_step()
@@ -539,6 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = batch_size
         flops: dict[str, float | None] = {}
         wanted = set(args.only.split(",")) if args.only else None
+        encode_ahead = EncodeAhead()
 
         def timed(key: str, name: str, step, **kwargs) -> Row | None:
             if wanted is not None and key not in wanted:
@@ -555,6 +581,11 @@ def main(argv: list[str] | None = None) -> dict:
         main_key = "f" if cached else "e"
         if not cached:
             timed("e", "e full step, on the fly" + (" (with loader)" if args.preset == "demo" else ""), full_step(False))
+        if args.encode_ahead:
+            row = timed(f"{main_key}+", f"{main_key}+ full step, {'cached latents' if cached else 'on the fly'}, "
+                        "speed.encode_ahead", full_step(cached, ahead=True), flops=flops.get(main_key))
+            if row is not None:
+                info["encode_ahead_hits"] = encode_ahead.hits  # steps whose LLM features were made ahead
         if wanted is None or "parts" in wanted:
             shares.update(part_shares(main_key, instrumented_step, cached, args, device, optimizer))
             save()
@@ -562,7 +593,10 @@ def main(argv: list[str] | None = None) -> dict:
         if latents:
             timed("f", "f full step, cached latents", full_step(True))
 
-        if args.compile:
+        def want(*keys: str) -> bool:
+            return wanted is None or any(key in wanted for key in keys)
+
+        if args.compile and want("a'", "e'", "f'"):
             started_compile = time.perf_counter()
             module.unet.compile()  # in place: parameter names (EMA, optimizer) stay the same
             try:
@@ -577,6 +611,9 @@ def main(argv: list[str] | None = None) -> dict:
             timed(f"{key}'", f"{key}' full step, {'cached latents, ' if latents else ''}UNet compiled", full_step(latents),
                   flops=flops.get(key))
 
+        if args.float8:
+            float8_rows(module, args, info, timed, unet_step, full_step, flops, latents, want, save)
+
         if args.fsdp:
             module.unet._compiled_call_impl = None  # FSDP wraps the eager UNet (strategy=fsdp refuses compile)
             optimizer = wrap_like_fsdp(module, cfg, device, optimizer)
@@ -585,8 +622,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     by_key = {r.name.split(" ")[0]: r for r in rows}
     ratios = {}
-    for key in ("e", "f", "g", "e'", "f'"):
-        ref = by_key.get("a'" if key.endswith("'") else "a")
+    for key in ("e", "f", "g", "e'", "f'", "e+", "f+", "e8", "f8", "a8'", "e8'", "f8'"):
+        ref = by_key.get("a'") if key.endswith("'") and "a'" in by_key else by_key.get("a")
         if key in by_key and by_key[key].samples_per_s and ref is not None and ref.samples_per_s:
             ratios[f"{key}/{ref.name.split(' ')[0]}"] = by_key[key].samples_per_s / ref.samples_per_s
     print_report(info, rows, ratios, shares)
@@ -595,6 +632,36 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return result
+
+
+def float8_rows(module: DiffusionStage, args, info: dict, timed, unet_step, full_step, flops: dict, latents: bool,
+                want, save) -> None:
+    """Rows with the UNet's and adapter's linear layers in float8 (speed.float8=[unet,adapter]):
+    the same conversion as the stage module's (linguadiff/models/float8.py), on the parts in
+    place (weights and the optimizer's states stay), eager, then compiled with --compile."""
+    from linguadiff.models.float8 import check_float8_device, convert_to_float8
+
+    check_float8_device(args.device)
+    module.unet._compiled_call_impl = None  # the eager UNet gets its layers swapped
+    counts = {name: convert_to_float8(getattr(module, name), name) for name in ("unet", "adapter")}
+    info["float8"] = {name: f"{done} of {total} linear layers" for name, (done, total) in counts.items()}
+    print("  float8: " + ", ".join(f"{k} {v}" for k, v in info["float8"].items()), flush=True)
+    save()
+    key = "f" if latents else "e"
+    timed(f"{key}8", f"{key}8 full step, {'cached latents, ' if latents else ''}float8 (eager)", full_step(latents),
+          flops=flops.get(key))
+    if args.compile and want("a8'", f"{key}8'"):
+        started = time.perf_counter()
+        module.unet.compile()
+        try:
+            unet_step()
+            info["compile_float8_s"] = round(time.perf_counter() - started, 1)
+            print(f"  torch.compile of the float8 UNet: {info['compile_float8_s']} s to first step", flush=True)
+        except torch.cuda.OutOfMemoryError:
+            print("  torch.compile of the float8 UNet: out of memory on the first step", flush=True)
+        timed("a8'", "a8' UNet train step, float8, compiled", unet_step, flops=flops.get("a"))
+        timed(f"{key}8'", f"{key}8' full step, {'cached latents, ' if latents else ''}float8, UNet compiled",
+              full_step(latents), flops=flops.get(key))
 
 
 def wrap_like_fsdp(module: DiffusionStage, cfg, device: torch.device, optimizer) -> torch.optim.Optimizer:

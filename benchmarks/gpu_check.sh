@@ -14,11 +14,20 @@
 #   5. (PART=plan) the memory planner's predicted peak vs the measured one for three settings it was
 #      not calibrated on (SDXL + 7B with gradient checkpointing; SDXL + 7B at 768 px batch 4 on the
 #      fly; SD1.5 + 7B batch 32 cached, no EMA), about 5 minutes.
+#   6. (PART=levers) the stage-2 speed levers (issue 11), about 6 minutes by the measured rates:
+#      SDXL + 7B at 1024 px, batch 8, eager: the on-the-fly step with and without speed.encode_ahead,
+#      cached latents with and without speed.float8 (rows a, e, e+, f, f8); then SD1.5 + 7B at 512 px,
+#      batch 32: the same on-the-fly pair and cached latents + a compiled UNet with and without float8
+#      (a', f', a8', f8': two SD1.5 compilations).
+#   7. (PART=levers_sdxl_compile) SDXL + 7B cached latents + float8 + a compiled UNet (a8', f8'), about
+#      7 minutes (one SDXL compilation, ~4.5 min); compare with part 1's f' (no float8).
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh             # parts 1-2
 #   PART=2 OUT=/tmp/gpu bash benchmarks/gpu_check.sh      # part 3
 #   PART=3 OUT=/tmp/gpu bash benchmarks/gpu_check.sh      # part 4
 #   PART=plan OUT=/tmp/gpu bash benchmarks/gpu_check.sh   # part 5
+#   PART=levers OUT=/tmp/gpu bash benchmarks/gpu_check.sh               # part 6
+#   PART=levers_sdxl_compile OUT=/tmp/gpu bash benchmarks/gpu_check.sh  # part 7
 set -u -o pipefail
 failed=0
 OUT=${OUT:-runs/gpu_check}
@@ -38,7 +47,16 @@ plancheck() {  # name, row letter, "bench args", plan args...
     python benchmarks/plan_vs_peak.py "$OUT/$name.json" "$row" "$@" 2>&1 | grep -v Warning | tee -a "$OUT/plan_vs_peak.txt" \
         || { echo "!!! plan $name failed"; failed=1; }
 }
-if [ "${PART:-1}" = plan ]; then
+if [ "${PART:-1}" = levers ]; then
+    python -c "import torchao.float8" 2>/dev/null || { echo "!!! torchao missing: pip install -e '.[float8]'"; exit 1; }
+    bench levers_sdxl 200 --preset sdxl-7b --encode-ahead --float8 --iters 4 --warmup 2 --no-flops --only "a,e,e+,f,f8"
+    bench levers_sd15 270 --preset sd15-7b --encode-ahead --float8 --compile --iters 4 --warmup 2 --no-flops \
+        --only "a,e,e+,f,a',f',f8,a8',f8'"
+elif [ "${PART:-1}" = levers_sdxl_compile ]; then
+    python -c "import torchao.float8" 2>/dev/null || { echo "!!! torchao missing: pip install -e '.[float8]'"; exit 1; }
+    bench levers_sdxl_f8c 450 --preset sdxl-7b --cached-latents --float8 --compile --iters 4 --warmup 2 --no-flops \
+        --only "a,f,a8',f8'"
+elif [ "${PART:-1}" = plan ]; then
     plancheck plan_sdxl_gc f "--preset sdxl-7b --cached-latents --gradient-checkpointing --only f" \
         stage=2 model=sdxl llm=qwen2.5-7b data.batch_size=8 diffusion.gradient_checkpointing=true cached_latents=true
     plancheck plan_sdxl_768 e "--preset sdxl-7b --batch-size 4 --resolution 768 --only e" \

@@ -112,4 +112,5 @@ def build_datamodule(cfg: DictConfig, tokenizers: dict[str, Any] | None = None):
             **common,
         )
     datamodule.even_val_batches = cfg.trainer.strategy == "fsdp"
+    datamodule.next_prompts = cfg.stage != 1 and bool(cfg.speed.get("encode_ahead", False))
     return datamodule

@@ -31,8 +31,10 @@ import torch
 MOMENTS, PIXELS, LLM_STATES = "moments.npy", "pixels.npy", "llm.npz"
 CACHE_MEMBERS = frozenset((MOMENTS, PIXELS, LLM_STATES))
 META_KEY = "linguadiff_cache"
-# The LLM settings cached features depend on (config `llm` keys).
-LLM_SIGNATURE_KEYS = ("path", "revision", "layers", "layer_mix", "max_length", "bos")
+# The LLM settings cached features depend on (config `llm` keys). `dtype`: a bf16 LLM's
+# states differ from an fp32 one's; caches written before it was recorded lack it, and are
+# stale like any other mismatch.
+LLM_SIGNATURE_KEYS = ("path", "revision", "layers", "layer_mix", "max_length", "bos", "dtype")
 EMPTY = "empty"
 # Bounds on cached arrays, checked from the npy header before anything is allocated.
 MAX_CACHED_ARRAY_BYTES = 64 * 1024 * 1024
@@ -42,7 +44,32 @@ LLM_STATES_DTYPES = ("float16",)
 
 
 def llm_signature(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: (list(settings[key]) if key == "layers" else settings.get(key)) for key in LLM_SIGNATURE_KEYS}
+    """The `llm` settings cached states are valid for, in plain types (the dtype by its
+    canonical name, so `bf16` and `bfloat16` agree)."""
+    signature = {key: (list(settings[key]) if key == "layers" else settings.get(key)) for key in LLM_SIGNATURE_KEYS}
+    if signature["dtype"] is not None:
+        from linguadiff.models.text_encoder import torch_dtype
+
+        signature["dtype"] = str(torch_dtype(str(signature["dtype"]))).removeprefix("torch.")
+    return signature
+
+
+def signature_difference(cached: Any, wanted: Mapping[str, Any]) -> str | None:
+    """None when cached LLM states were made with the settings `wanted`, else which `llm.*`
+    keys differ, cached value against this run's (a key the cache does not record: "not
+    recorded", e.g. `dtype` in caches written before it was part of the signature)."""
+    if not isinstance(cached, Mapping):
+        return "the cache records no LLM settings"
+    if dict(cached) == dict(wanted):
+        return None
+    parts = []
+    for key in sorted(set(wanted) | set(cached), key=lambda k: (k not in LLM_SIGNATURE_KEYS, k)):
+        if key not in cached:
+            parts.append(f"llm.{key}: not recorded in the cache (written before it was part of the signature), "
+                         f"this run {wanted[key]!r}")
+        elif cached.get(key) != wanted.get(key):
+            parts.append(f"llm.{key}: cached {cached[key]!r}, this run {wanted.get(key)!r}")
+    return "; ".join(parts) or "the cache's LLM settings differ"
 
 
 def to_npy(array: torch.Tensor | np.ndarray) -> bytes:

@@ -25,6 +25,17 @@ from linguadiff.distributed import gather_objects, group_rank_and_world
 logger = logging.getLogger(__name__)
 
 
+class NextPromptsLoader(DataLoader):
+    """A DataLoader whose batches also carry the next batch's tokens (`speed.encode_ahead`,
+    linguadiff/models/encode_ahead.py): read one batch ahead in the main process, where the
+    order of the workers' batches is known."""
+
+    def __iter__(self):
+        from linguadiff.models.encode_ahead import with_next_prompts
+
+        return with_next_prompts(super().__iter__())
+
+
 class ShardDataModule(L.LightningDataModule):
     """What the text and image-text datamodules share: train/val shard sources, batch sizes,
     workers, tokenizers run in the workers, and DataLoaders over worker-batched streams.
@@ -63,6 +74,8 @@ class ShardDataModule(L.LightningDataModule):
         self.val_sources: list[ShardSource] | None = None
         # FSDP: every rank must get as many validation batches as the others (`even_share`).
         self.even_val_batches = False
+        # speed.encode_ahead: each training batch also carries the next one's tokens (NextPromptsLoader).
+        self.next_prompts = False
         # Where this rank's training stream stands after the last batch a step took: the
         # position of every DataLoader worker and whose batch comes next (`state_dict`).
         self._stream_seed = seed
@@ -138,7 +151,7 @@ class ShardDataModule(L.LightningDataModule):
         # generator: starting its workers draws a seed, which from the global generator would
         # shift the training noise by where Lightning happens to start the iterator (not the
         # same place in a resumed run). The streams draw from generators of their own.
-        return DataLoader(
+        return (NextPromptsLoader if train and self.next_prompts else DataLoader)(
             stream,
             batch_size=None,
             num_workers=self.num_workers,

@@ -76,6 +76,7 @@ from datamodules.cached import (
     from_npy,
     pad_states,
     read_llm_npz,
+    signature_difference,
 )
 from datamodules.checks import MAX_RECORDED_SIDE, BadSample, caption_text, metadata_number, read_json
 from datamodules.datamodule import ShardDataModule
@@ -364,6 +365,10 @@ def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- examples
 
 
+# Stale-cache differences already warned about in this process (each worker warns once per kind).
+_STALE_LLM_STATES_WARNED: set[str] = set()
+
+
 @dataclass(frozen=True)
 class ImageTextDecoder:
     """Raw tar sample -> example dict (see the module docstring); raises BadSample.
@@ -447,8 +452,7 @@ class ImageTextDecoder:
             example = self._image_example(raw, size, rng)
         example.update(caption=caption, lang=lang, aesthetic_score=score)
         cache = meta.get(META_KEY)
-        if LLM_STATES in raw and self.llm_signature is not None and isinstance(cache, Mapping) \
-                and cache.get("llm") == dict(self.llm_signature):
+        if LLM_STATES in raw and self.llm_signature is not None and self._llm_states_fit(raw, cache):
             try:
                 states = read_llm_npz(raw[LLM_STATES])
             except Exception as error:  # noqa: BLE001 - bad zip, pickled objects, absurd headers
@@ -458,6 +462,19 @@ class ImageTextDecoder:
                 raise BadSample("bad_cache", f"llm.npz has no features for caption {name}")
             example["llm_states"] = torch.from_numpy(states[name])
         return example
+
+    def _llm_states_fit(self, raw: Mapping[str, Any], cache: Any) -> bool:
+        """Whether a sample's cached LLM states were made with this run's LLM settings. Stale
+        ones (another LLM, layers, dtype, ...) are not used: the LLM runs on the caption, as
+        for an uncached sample, and the first such sample per difference and process says
+        which `llm.*` keys differ."""
+        difference = signature_difference(cache.get("llm") if isinstance(cache, Mapping) else None, self.llm_signature)
+        if difference is not None and difference not in _STALE_LLM_STATES_WARNED:
+            _STALE_LLM_STATES_WARNED.add(difference)
+            logger.warning("cached LLM states of sample %s are stale (%s): not used, the LLM encodes the captions "
+                           "of such samples; cache again with this run's llm settings (scripts/cache_features.py "
+                           "cache.llm_states=true) to skip the LLM", raw.get("__key__"), difference)
+        return difference is None
 
     def _cached_example(self, raw: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         """The crop as `scripts/cache_features.py` stored it: VAE moments or uint8 pixels."""

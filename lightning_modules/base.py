@@ -29,6 +29,7 @@ import torch
 from lightning_modules.settings import StageSettings
 from linguadiff.config import ConfigError
 from linguadiff.distributed import gather_objects, unwrap
+from linguadiff.models.float8 import check_float8_device, convert_to_float8
 from linguadiff.models.frozen import freeze
 from linguadiff.models.lora import is_lora_name
 from linguadiff.models.prompt_encoder import PromptEncoder
@@ -69,10 +70,16 @@ class StageModule(L.LightningModule):
                 freeze(child)
 
     def apply_speed_options(self) -> None:
-        """`speed.compile` (parts compiled in place: their weight names, and so checkpoints,
+        """`speed.float8` (linear layers trained in float8, weights and their names unchanged),
+        `speed.compile` (parts compiled in place: their weight names, and so checkpoints,
         stay the same) and `speed.channels_last` (the UNet's convolutions)."""
         sp = self.settings
         children = dict(self.named_children())
+        for name in sp.float8:  # before compiling: the compiled graph holds the float8 casts
+            if children.get(name) is None:
+                raise ConfigError(f"config key 'speed.float8' names {name!r}, which stage {sp.stage} does not have; "
+                                  f"its parts are {sorted(n for n, c in children.items() if c is not None)}")
+            convert_to_float8(children[name], name)
         for name in sp.compile:
             if name not in children:
                 raise ConfigError(f"config key 'speed.compile' names {name!r}, which stage {sp.stage} does not have; "
@@ -94,6 +101,8 @@ class StageModule(L.LightningModule):
         return self._trainer is not None and is_fsdp(self.trainer.strategy)
 
     def on_fit_start(self) -> None:
+        if self.settings.float8:
+            check_float8_device(self.device)
         report = self.trainable_report()
         lines = [f"  {name:<14} {total / 1e6:>10.2f}M  {'frozen' if not n else 'trains' if n == total else f'trains {n / 1e6:.3f}M (LoRA)'}"
                  for name, total, n in report]

@@ -46,6 +46,7 @@ from linguadiff.export import ADAPTER_FILE, check_handoff, init_export, read_exp
 from linguadiff.models.clip_teacher import CLIPTeacher, teacher_kind
 from linguadiff.models import lora as unet_lora
 from linguadiff.models.adapter import QueryAdapter
+from linguadiff.models.encode_ahead import EncodeAhead
 from linguadiff.models.diffusion import (
     DiffusionLossConfig,
     diffusion_loss,
@@ -92,6 +93,8 @@ class DiffusionStage(StageModule):
         if diffusion.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = EMA(diffusion.ema_decay, diffusion.ema_update_every)
+        # speed.encode_ahead: the next batch's LLM features, made during this step (not with CLIP)
+        self.encode_ahead = EncodeAhead() if diffusion.encode_ahead and self.adapter is not None else None
         self.apply_speed_options()
 
     # ------------------------------------------------------------------ building
@@ -192,23 +195,39 @@ class DiffusionStage(StageModule):
         # (and so their rounding) by layout: a cached batch must give the VAE's loss bit for bit.
         return x0.contiguous(memory_format=torch.channels_last if self.settings.channels_last else torch.contiguous_format)
 
-    def conditioning(self, batch: dict) -> tuple[torch.Tensor, dict | None]:
+    def conditioning(self, batch: dict, llm_ahead: tuple[list, list] | None = None) -> tuple[torch.Tensor, dict | None]:
         """The UNet's text inputs for a batch: the cross-attention context and, for SDXL, the
-        pooled text and size conditioning (`added_cond_kwargs`)."""
-        cond = self.prompt_encoder.condition(batch, self.device, grouped=not self.sharded)
+        pooled text and size conditioning (`added_cond_kwargs`). `llm_ahead`: this batch's LLM
+        features made during the previous step (`speed.encode_ahead`); only the adapter runs."""
+        if llm_ahead is not None:
+            cond = self.prompt_encoder.adapt(*llm_ahead)
+        else:
+            cond = self.prompt_encoder.condition(batch, self.device, grouped=not self.sharded)
         added = None
         if self.diffusion.base_kind == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(self.device)
             added = {"text_embeds": cond["pooled"], "time_ids": time_ids}
         return cond["context"], added
 
+    def llm_ahead(self, batch: dict) -> tuple[list, list] | None:
+        """`speed.encode_ahead`, at the start of a training step: this batch's LLM features if
+        the previous step made them (else None: `conditioning` runs the LLM), then the next
+        batch's LLM forward starts, overlapping this step's VAE, adapter and UNet (a side
+        CUDA stream; in line on a CPU)."""
+        if self.encode_ahead is None:
+            return None
+        ahead = self.encode_ahead.take(batch)
+        self.encode_ahead.launch(self.prompt_encoder, batch, grouped=not self.sharded)
+        return ahead
+
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.count_skipped(batch)
         size = self.batch_size_of(batch)
+        llm_ahead = self.llm_ahead(batch)
         x0 = self.to_model_space(batch)
-        context, added = self.conditioning(batch)
+        context, added = self.conditioning(batch, llm_ahead)
         loss = diffusion_loss(self.unet, self.noise_scheduler, x0, context, self.diffusion.loss, added).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for i, group in enumerate(self.optimizers().param_groups):

@@ -49,12 +49,13 @@ class StageSettings:
     compile: tuple[str, ...] = ()  # parts compiled in place
     compile_mode: str = "default"
     channels_last: bool = False  # the UNet's convolutions (and its inputs) in channels-last
+    float8: tuple[str, ...] = ()  # parts whose linear layers train in float8 (torchao)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "StageSettings":
         return cls(stage=int(cfg.stage), trainable=tuple(cfg.train.trainable), optim=OptimSettings.from_config(cfg),
                    compile=tuple(cfg.speed.compile), compile_mode=str(cfg.speed.compile_mode),
-                   channels_last=bool(cfg.speed.channels_last))
+                   channels_last=bool(cfg.speed.channels_last), float8=tuple(cfg.speed.float8))
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class DiffusionSettings:
     ema_update_every: int = 1
     lora: LoraSettings | None = None  # train.unet=lora: the UNet trains as a LoRA (None: full fine-tune)
     merge_lora: bool = False  # export.merge_lora: also export the merged UNet
+    encode_ahead: bool = False  # speed.encode_ahead: the next batch's LLM forward runs during this step
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "DiffusionSettings":
@@ -95,4 +97,5 @@ class DiffusionSettings:
         return cls(base_kind=str(cfg.model.kind), lora=lora, merge_lora=bool(cfg.export.merge_lora),
                    loss=DiffusionLossConfig(d.min_snr_gamma, float(d.input_perturbation), float(d.noise_offset)),
                    val_timesteps=tuple(int(t) for t in d.val_timesteps), gradient_checkpointing=bool(d.gradient_checkpointing),
-                   ema_decay=float(cfg.ema.decay), ema_update_every=int(cfg.ema.update_every))
+                   ema_decay=float(cfg.ema.decay), ema_update_every=int(cfg.ema.update_every),
+                   encode_ahead=bool(cfg.speed.encode_ahead))

@@ -113,6 +113,7 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     _check_text_encoder(cfg, c, p, stage, training)
     c.parts("speed.compile", OmegaConf.select(cfg, "speed.compile") or [], parts, stage)
     _check_lora(cfg, c, p, stage, trainable or [])
+    _check_speed_levers(cfg, p, stage, control)
     c.choice("speed.compile_mode", COMPILE_MODES)
 
     # diffusion and EMA (stages 2-3; checked always: a typo is a typo)
@@ -222,6 +223,53 @@ def _check_text_encoder(cfg: DictConfig, c: "_Checker", p: Problems, stage, trai
     if OmegaConf.select(cfg, "trainer.strategy") == "fsdp":
         p.append("config key 'text_encoder' is clip, which does not run under strategy=fsdp (trainer.strategy=fsdp; "
                  "FSDP's units are made for the LLM and adapter): use strategy=ddp")
+
+
+# ---------------------------------------------------------------------- speed levers
+
+
+def _check_speed_levers(cfg: DictConfig, p: Problems, stage, control: bool) -> None:
+    """speed.float8 (linguadiff/models/float8.py) and speed.encode_ahead (linguadiff/models/encode_ahead.py)."""
+    from linguadiff.models.float8 import FLOAT8_PARTS, TORCHAO_REQUIREMENT, torchao_missing
+
+    float8 = OmegaConf.select(cfg, "speed.float8")
+    if float8 is None or not all(isinstance(n, str) for n in float8) or (float8 and isinstance(float8, str)):
+        p.append(f"config key 'speed.float8' must be a list of parts ([] or some of {', '.join(FLOAT8_PARTS)}), "
+                 f"got {_show(float8)}")
+    elif float8:
+        allowed = ("unet",) if control else FLOAT8_PARTS
+        unknown = [n for n in float8 if n not in allowed]
+        if stage not in (2, 3):
+            p.append(f"config key 'speed.float8' is {_show(list(float8))}, which only stages 2 and 3 take (stage "
+                     f"{stage} trains the adapter alone, at a small size): set speed.float8=[]")
+        elif unknown:
+            p.append(f"config key 'speed.float8' names {unknown}: it takes {', '.join(allowed)}"
+                     + (" (a text_encoder=clip run has no adapter)" if control else ""))
+        if OmegaConf.select(cfg, "trainer.strategy") == "fsdp":
+            p.append("config key 'speed.float8' is set, which is not verified under strategy=fsdp "
+                     "(trainer.strategy=fsdp): set speed.float8=[], or use strategy=ddp")
+        if OmegaConf.select(cfg, "train.unet") == "lora" and "unet" in float8:
+            p.append("config key 'speed.float8' names unet, which is not verified with train.unet=lora (a LoRA's "
+                     "layers are small and its base frozen): drop unet from speed.float8")
+        problem = torchao_missing()
+        if problem is not None:
+            p.append(f"config key 'speed.float8' needs torchao's float8 training, which does not import ({problem}): "
+                     f"pip install -e '.[float8]' ({TORCHAO_REQUIREMENT}), or set speed.float8=[]")
+    ahead = OmegaConf.select(cfg, "speed.encode_ahead")
+    if not isinstance(ahead, bool):
+        p.append(f"config key 'speed.encode_ahead' must be true or false, got {_show(ahead)}")
+    elif ahead:
+        if stage not in (2, 3):
+            p.append(f"config key 'speed.encode_ahead' is true, which only stages 2 and 3 have (stage {stage} "
+                     "encodes its own batch's text): set speed.encode_ahead=false")
+        if control:
+            p.append("config key 'speed.encode_ahead' is true, but a text_encoder=clip run has no LLM to run ahead: "
+                     "set speed.encode_ahead=false")
+        if OmegaConf.select(cfg, "trainer.strategy") == "fsdp":
+            # Under FSDP the LLM's forward gathers its shards: collectives on a second stream,
+            # interleaved differently on each rank, is not something verified here.
+            p.append("config key 'speed.encode_ahead' is true, which is not verified under strategy=fsdp "
+                     "(trainer.strategy=fsdp): set speed.encode_ahead=false, or use strategy=ddp")
 
 
 # ---------------------------------------------------------------------- LoRA

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import datamodules.tar_reading as tar_reading
-from datamodules.cached import META_KEY, MOMENTS, LLM_STATES, PIXELS, from_npy, llm_npz, to_npy
+from datamodules.cached import META_KEY, MOMENTS, LLM_STATES, PIXELS, from_npy, llm_npz, llm_signature, to_npy
 from datamodules.image_shards import ImageTextDataModule, ImageTextDecoder, open_image, square_crop
 from datamodules.skips import SkipCounter
 from datamodules.streams import NoUsableData
@@ -249,6 +249,34 @@ def test_hostile_cached_samples_are_each_counted(tmp_path):
     for batch in batches:
         assert batch["moments"].shape[1:] == (8, 2, 2) and "image" not in batch
         assert batch["llm_states"].shape[-1] == 4
+
+
+def test_cached_llm_states_are_keyed_by_the_llm_dtype(caplog):
+    """States of a bf16 LLM differ from an fp32 one's: a cache from another dtype, or written
+    before the dtype was recorded, is stale (the LLM runs), and the warning names the key."""
+    import random
+
+    run = {"path": "tiny-llm", "revision": None, "layers": [-1], "layer_mix": "mean", "max_length": 16,
+           "bos": "auto", "dtype": "bf16"}
+    wanted = llm_signature(run)
+    assert wanted["dtype"] == "bfloat16" and llm_signature({**run, "dtype": "bfloat16"}) == wanted
+    decoder = ImageTextDecoder(16, train=False, caption_dropout=0.0, llm_signature=wanted)
+    states = llm_npz({"en/0": torch.randn(3, 4), "empty": torch.randn(1, 4)})
+    old = {key: value for key, value in wanted.items() if key != "dtype"}  # a cache from before the change
+
+    def decoded(signature: dict) -> dict:
+        sample = cached_sample("s", moments=torch.randn(8, 2, 2), llm=states, cache={"llm": signature})
+        raw = {**sample, "txt": sample["txt"].encode(), "json": sample["json"].encode()}
+        return decoder(raw, random.Random(0))
+
+    assert decoded(wanted)["llm_states"].shape == (3, 4)
+    with caplog.at_level("WARNING", logger="datamodules.image_shards"):
+        for stale, message in ((old, "llm.dtype: not recorded"), ({**wanted, "dtype": "float32"},
+                                                                  "llm.dtype: cached 'float32', this run 'bfloat16'")):
+            example = decoded(stale)
+            assert "llm_states" not in example and example["moments"].shape == (8, 2, 2)  # the latents still count
+            assert message in caplog.text and "stale" in caplog.text
+    assert "llm.path" not in caplog.text  # only the differing key is named
 
 
 def test_npy_header_is_checked_before_allocating():

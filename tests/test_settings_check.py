@@ -214,3 +214,45 @@ def test_strategy_change_says_why(shards, tmp_path):
     RunDir.prepare(config(shards, run_dir, "trainer.strategy=ddp"))
     with pytest.raises(ConfigError, match=r"\(unsharded checkpoints cannot be resumed sharded\)"):
         RunDir.prepare(config(shards, run_dir, "trainer.strategy=fsdp"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["speed.encode_ahead=true"], "only stages 2 and 3"),
+    (["stage=2", "speed.encode_ahead=true", "text_encoder=clip"], "no LLM to run ahead"),
+    (["stage=2", "speed.encode_ahead=true", "trainer.strategy=fsdp"], "not verified under strategy=fsdp"),
+    (["speed.float8=[unet]"], "only stages 2 and 3"),
+    (["stage=2", "speed.float8=[vae]"], "it takes unet, adapter"),
+    (["stage=2", "speed.float8=[adapter]", "text_encoder=clip"], "has no adapter"),
+    (["stage=2", "speed.float8=[unet,adapter]", "trainer.strategy=fsdp"], "not verified under strategy=fsdp"),
+    (["stage=2", "speed.float8=[unet]", "train.unet=lora", "train.trainable=[adapter,unet]"], "train.unet=lora"),
+])
+def test_speed_levers_are_refused_where_they_do_not_run(shards, overrides, message):
+    problems = [p for p in settings_problems(config(shards, *overrides), training=False)
+                if "speed." in p and "does not import" not in p]  # torchao itself: the next test
+    key = overrides[1 if overrides[0] == "stage=2" else 0].split("=")[0]
+    assert len(problems) == 1 and message in problems[0] and f"'{key}'" in problems[0], problems
+    fine = config(shards, "stage=2", "speed.encode_ahead=true", "speed.float8=[unet,adapter]")
+    assert not [p for p in settings_problems(fine, training=False) if "speed." in p and "torchao" not in p]
+
+
+def test_float8_without_torchao_names_the_key_and_the_extra(shards, monkeypatch):
+    import linguadiff.models.float8 as float8
+
+    monkeypatch.setattr(float8, "torchao_missing", lambda: "ModuleNotFoundError: No module named 'torchao'")
+    problems = [p for p in settings_problems(config(shards, "stage=2", "speed.float8=[unet]"), training=False)
+                if "speed." in p]
+    assert len(problems) == 1 and "'speed.float8'" in problems[0] and ".[float8]" in problems[0], problems
+
+
+def test_float8_refuses_a_gpu_without_float8_matmuls(monkeypatch):
+    import torch
+
+    from linguadiff.models.float8 import check_float8_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"'speed.float8'.*A100.* 8\.0"):
+        check_float8_device(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_float8_device(torch.device("cuda", 0))  # H100/H200
+    check_float8_device(torch.device("cpu"))

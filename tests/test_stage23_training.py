@@ -123,6 +123,33 @@ def test_stage2_resume_keeps_the_ema(world, stage1_run, tmp_path):
     assert len(steps) == len(set(steps)) == 6
 
 
+def test_encode_ahead_gives_the_same_steps_and_resumes_exactly(world, stage1_run, tmp_path):
+    """speed.encode_ahead (the next batch's LLM forward during this step) changes no number:
+    a run with it from the start, and a plain run stopped after step 1 and resumed with it,
+    log the same losses and end with the same weights (steps 2-3 use features made ahead in
+    one and not in the other; the look-ahead shifts neither the stream nor the noise)."""
+
+    class Hits(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.hits = pl_module.encode_ahead.hits if pl_module.encode_ahead is not None else None
+
+    quick = {"samples.every_n_steps": 0, "trainer.val_check_interval": 100, "data.val.urls": "null",
+             "checkpoint.every_n_steps": 1, "data.num_workers": 0}
+    hits = {}
+    for name, ahead, steps in (("ahead", True, 3), ("resumed", False, 1), ("resumed", True, 3)):
+        counter = Hits()
+        args = stage_args(world, tmp_path / name, 2, init_from=stage1_run, **quick,
+                          **{"trainer.max_steps": steps, "speed.encode_ahead": str(ahead).lower()})
+        assert train.main(args, extra_callbacks=(counter,)) == 0
+        hits[name] = counter.hits
+    assert hits == {"ahead": 2, "resumed": 1}  # features made ahead were used (not by a resumed run's first step)
+    losses = {name: dict(scalars(tmp_path / name, "train/loss")) for name in ("ahead", "resumed")}
+    assert len(losses["ahead"]) == 3 and losses["ahead"] == losses["resumed"]
+    ahead, resumed = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu",
+                                 weights_only=True)["state_dict"] for name in ("ahead", "resumed"))
+    assert ahead.keys() == resumed.keys() and all(torch.equal(ahead[k], resumed[k]) for k in ahead)
+
+
 def test_stage3_freezes_the_adapter_and_filters_by_aesthetics(world, stage1_run, tmp_path):
     stage2 = tmp_path / "stage2"
     assert train.main(stage_args(world, stage2, 2, init_from=stage1_run, **{"samples.every_n_steps": 0})) == 0

@@ -189,3 +189,38 @@ def test_a_malformed_stream_position_reseeds_instead_of_crashing_the_workers(sha
     relaunched.trainer = Trainer()
     assert len(next(iter(relaunched.train_dataloader()))["key"]) == 5
     assert "stream position does not parse" in caplog.text
+
+
+def _byte_tokens(texts: list[str]) -> dict[str, torch.Tensor]:
+    """A model-free tokenizer: UTF-8 bytes, right-padded (what the workers run per batch)."""
+    rows = [list(text.encode())[:12] or [0] for text in texts]
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_next_prompts_look_ahead_leaves_batches_and_positions_unchanged(shards):
+    """speed.encode_ahead: each batch carries the next one's tokens and keys, read one batch
+    ahead, while the batches and the saved stream positions stay those of a plain loader."""
+    from linguadiff.models.encode_ahead import NEXT_PROMPTS
+
+    def run(next_prompts: bool, steps: int):
+        datamodule = _datamodule("image", shards, 2)
+        datamodule.set_tokenizers({"student": _byte_tokens})
+        datamodule.next_prompts = next_prompts
+        datamodule.setup("fit")
+        return datamodule, _steps(datamodule, iter(datamodule.train_dataloader()), steps)
+
+    plain, reference = run(False, 7)
+    ahead, batches = run(True, 7)
+    assert all(NEXT_PROMPTS in batch for batch in batches)  # the 8th batch was read to tell the 7th
+    for batch, following in zip(batches, batches[1:]):
+        hint = batch[NEXT_PROMPTS]
+        assert hint["key"] == following["key"]
+        assert torch.equal(hint["input_ids"], following["student_tokens"]["input_ids"])
+        assert hint["lengths"] == following["student_tokens"]["attention_mask"].sum(1).tolist()
+    flat = lambda batch: {k: v for k, v in batch.items() if k not in (NEXT_PROMPTS, "student_tokens")}  # noqa: E731
+    assert all(_same(flat(a), flat(b)) and _same(a["student_tokens"], b["student_tokens"])
+               for a, b in zip(batches, reference))
+    assert ahead.state_dict() == plain.state_dict()  # the batch read ahead is not in the position

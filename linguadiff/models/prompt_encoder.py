@@ -43,7 +43,7 @@ def length_groups(lengths: torch.Tensor, min_saving: float = 0.25) -> list[torch
     its own longest, gives the same features (masks make rows independent) for less work.
     Returns index tensors into the batch; one group when the split saves < `min_saving`.
     """
-    order = torch.argsort(lengths)
+    order = torch.argsort(lengths, stable=True)  # ties in one order on every device (encode-ahead runs it on the CPU)
     ordered = lengths[order].tolist()
     n = len(ordered)
     full = n * ordered[-1] if n else 0
@@ -138,18 +138,23 @@ class PromptEncoder(nn.Module):
         makes it one pass: under FSDP every rank must make the same number of forward calls."""
         return self.adapt(*self.llm_features(input_ids, attention_mask, grouped))
 
-    def llm_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, grouped: bool = True
-                     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    def llm_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, grouped: bool = True,
+                     lengths: torch.Tensor | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
         """The frozen LLM's part of `forward`: (features, mask) per length group, each trimmed
-        to its own longest prompt, and the groups' row indexes."""
-        groups = length_groups(attention_mask.sum(1)) if grouped else [torch.arange(len(input_ids))]
+        to its own longest prompt, and the groups' row indexes. `lengths`: the rows' token
+        counts on the CPU, when the caller has them (the groups then need no device sync)."""
+        if lengths is None:
+            lengths = attention_mask.sum(1)
+        device = input_ids.device
+        groups = length_groups(lengths) if grouped else [torch.arange(len(input_ids), device=lengths.device)]
         if len(groups) == 1:
-            return [self.text_encoder(input_ids, attention_mask)], groups
+            return [self.text_encoder(input_ids, attention_mask)], [groups[0].to(device, non_blocking=True)]
         parts = []
         for index in groups:
-            width = int(attention_mask[index].sum(1).max())
+            width = int(lengths[index].max())
+            index = index.to(device, non_blocking=True)
             parts.append(self.text_encoder(input_ids[index, :width], attention_mask[index, :width]))
-        return parts, groups
+        return parts, [index.to(device, non_blocking=True) for index in groups]
 
     def adapt(self, parts: list[tuple[torch.Tensor, torch.Tensor]], groups: list[torch.Tensor]) -> Conditioning:
         """The adapter's part of `forward`: each group's features through the adapter, back in batch order."""
