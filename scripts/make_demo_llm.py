@@ -1,21 +1,19 @@
-"""Write the demo's tiny LLM (committed under assets/demo_llm: random weights).
+"""Write the demo's tiny LLM (committed under assets/demo_llm).
 
 A 2-layer Qwen2-architecture decoder of hidden size 128 over a byte-level tokenizer, from a
 fixed seed. It goes through the same AutoModel/AutoTokenizer.from_pretrained path as a real
-LLM, and reads any language. The committed one is random: it carries no meaning, so whatever
-the demo shows is learnt by the adapter (DESIGN.md: "a tiny random LLM").
+LLM, and reads any language.
 
-    python scripts/make_demo_llm.py --out assets/demo_llm
-
-`--pretrain-steps N` first has it read text, as a real LLM has: N steps of next-byte
+It has read text, as a real LLM has: `--pretrain-steps` (1200 by default) steps of next-byte
 prediction on the demo's captions in all six languages and on salads of each language's most
 frequent words (`demo_data`'s `filler` lists); it never reads the held-out requests of
 evaluation/prompts/demo_heldout.json. A random LLM knows no word: in "quiero ver un cuadrado
-rojo" the bytes of "ver" (to see) start like "verde". Measured after demo stage 1 (README):
-1200 steps raised held-out colour accuracy from 73-96% to 84-97% per language but lowered
-it on the plain prompts (87-99% against 93-100%), so the asset stays random for now.
+rojo" the bytes of "ver" (to see) start like "verde", and an adapter on it drew the right colour
+for 73-96% of the held-out requests per language after demo stage 1; on this one, 95-100%
+(README, "Wording no caption uses"). The same seed and thread count give the same weights:
 
-    python scripts/make_demo_llm.py --out /tmp/demo_llm_read --pretrain-steps 1200
+    python scripts/make_demo_llm.py --out assets/demo_llm                     # about 7 min on 2 cores
+    python scripts/make_demo_llm.py --out /tmp/demo_llm_random --pretrain-steps 0   # random weights
 """
 from __future__ import annotations
 
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="assets/demo_llm")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain-steps", type=int, default=0, help="0: leave the weights random")
+    parser.add_argument("--pretrain-steps", type=int, default=1200, help="0: leave the weights random")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the same count gives the same weights)")
     args = parser.parse_args(argv)
 
