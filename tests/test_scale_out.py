@@ -226,12 +226,16 @@ def test_fsdp_units_count_a_weight_tied_between_modules_once(tmp_path):
     assert summary["adapter"]["trains"] and not summary["text_encoder"]["trains"]
 
 
-def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, stage1_run, tmp_path):
+# FSDP1 (fsdp.version=1) passes this test too, but it is one of the slowest in the suite: run
+# it by hand with LINGUADIFF_FSDP1_FULL=1; test_fsdp1_still_trains_saves_and_exports is its cheap check.
+@pytest.mark.parametrize("version", [2, pytest.param(1, marks=pytest.mark.skipif(
+    not os.environ.get("LINGUADIFF_FSDP1_FULL"), reason="FSDP1's full run: LINGUADIFF_FSDP1_FULL=1"))])
+def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, stage1_run, tmp_path, version):
     run_dir = tmp_path / "run"
     # bf16 mixed precision as on GPUs: sample grids call FSDP units directly (caught on a GPU).
-    common = {"init_from": stage1_run, "strategy": "fsdp", "trainer.accelerator": "cpu", "trainer.devices": 2,
-              "trainer.precision": "bf16-mixed", "checkpoint.every_n_steps": 2, "trainer.val_check_interval": 2,
-              "samples.every_n_steps": 4}
+    common = {"init_from": stage1_run, "strategy": "fsdp", "fsdp.version": version, "trainer.accelerator": "cpu",
+              "trainer.devices": 2, "trainer.precision": "bf16-mixed", "checkpoint.every_n_steps": 2,
+              "trainer.val_check_interval": 2, "samples.every_n_steps": 4}
     first = stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 2})
     (tmp_path / "shards").mkdir()
     _run(first, shard_probe=tmp_path / "shards")
@@ -376,6 +380,6 @@ def test_speed_options_apply_in_place_and_name_bad_parts(world, stage1_run, tmp_
     assert all(not name.startswith("_orig_mod") for name, _ in module.named_parameters())
     bad = stage_args(world, tmp_path / "bad", 2, init_from=stage1_run, **{"speed.compile": "[unett]"})
     assert train.main(bad) == 2
-    fsdp_and_compile = stage_args(world, tmp_path / "bad2", 2, init_from=stage1_run, strategy="fsdp",
-                                  **{"trainer.accelerator": "cpu", "speed.compile": "[unet]"})
-    assert train.main(fsdp_and_compile) == 2
+    fsdp1_and_compile = stage_args(world, tmp_path / "bad2", 2, init_from=stage1_run, strategy="fsdp",
+                                   **{"trainer.accelerator": "cpu", "speed.compile": "[unet]", "fsdp.version": 1})
+    assert train.main(fsdp1_and_compile) == 2
