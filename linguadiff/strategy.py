@@ -2,27 +2,43 @@
 
 `trainer.strategy` is `auto` (one process), `ddp` (data parallel: every rank holds the whole
 model) or `fsdp` (Fully Sharded Data Parallel: every rank holds 1/N of each weight). FSDP
-is what lets a 7B+ LLM, the SDXL UNet and their optimizer states share GPUs; how it is set
-up here (`fsdp_setup`):
+is what lets a 7B+ LLM, the SDXL UNet and their optimizer states share GPUs. `fsdp.version`
+picks the implementation: 2 (default), torch's `fully_shard` (per-weight DTensor shards,
+`FSDP2Strategy`), or 1, `FullyShardedDataParallel` (flat units, `ShardedFSDPStrategy`),
+kept until GPU figures show FSDP2 at least as fast. Both set it up alike:
 
-- wrap units: every block class a Hugging Face / diffusers model lists in `_no_split_modules`
-  (LLM decoder layers, CLIP encoder layers, UNet transformer and resnet blocks), the
-  adapter's transformer layers, and each part of the stage module (LLM, adapter, UNet,
-  teacher) for the weights outside those blocks. The frozen VAE stays whole on every rank
-  (`ignored_parts`): small, and called through `encode`, which FSDP does not gather for. A unit is then either all frozen
+- units (`fsdp_units`): every block class a Hugging Face / diffusers model lists in
+  `_no_split_modules` (LLM decoder layers, CLIP encoder layers, UNet transformer and resnet
+  blocks), the adapter's transformer layers, and each part of the stage module (LLM, adapter,
+  UNet, teacher) for the weights outside those blocks; FSDP2 shards them innermost first,
+  each part its own root. The frozen VAE stays whole on every rank (`ignored_parts`): small,
+  and called through `encode`, which FSDP does not gather for. A unit is either all frozen
   or all trained (`check_units` asserts it), so no frozen weight takes gradient or
   optimizer memory, and the stage module itself holds no weight;
 - mixed precision stated explicitly: bf16 compute, fp32 gradient reduction, fp32 master
-  weights for what trains; the frozen LLM is loaded in bf16 (llm.dtype) and stays so,
-  buffers keep their dtype (rotary frequencies lose precision in bf16);
+  weights for what trains (FSDP2: `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`);
+  the frozen LLM is loaded in bf16 (llm.dtype) and stays so, buffers keep their dtype
+  (rotary frequencies lose precision in bf16);
+- `fsdp.sharding` (FSDP2: `FSDP2_SHARDING`): FULL_SHARD gathers a unit's weights for forward
+  and again for backward; SHARD_GRAD_OP keeps the trained units gathered from forward to
+  backward (ZeRO-2-like); HYBRID_SHARD shards within a node and replicates across nodes
+  (a 2-D mesh); NO_SHARD replicates. Frozen units always free their gathered weights after
+  forward; `fsdp.frozen=replicate` (FSDP2) instead leaves them unwrapped, a whole bf16 copy
+  per rank, no gathers;
 - activation checkpointing on the trained blocks only (`fsdp.activation_checkpointing`):
-  a frozen block keeps no activations for a backward pass anyway;
+  a frozen block keeps no activations for a backward pass anyway. FSDP2 uses the
+  composable `checkpoint`, which keeps the weight names;
+- `speed.compile` (FSDP2 only): each block of the named parts is compiled in place before
+  it is sharded (FSDP1 breaks the graph at every unit and is refused);
 - sharded checkpoints: a folder with one file per rank, written in parallel under its own
-  name in checkpoints/.shards/ and holding the trained weights only; last.ckpt and
-  step*.ckpt are symlinks to such folders, moved atomically once a folder is complete
-  (`ShardedFSDPStrategy.save_checkpoint`; `load_checkpoint` reads the trained weights back,
-  the frozen ones are loaded from their source as always);
-- gradient clipping by norm over all shards (`StageModule.configure_gradient_clipping`).
+  name in checkpoints/.shards/ and holding the trained weights and optimizer states (the
+  EMA among them) only; last.ckpt and step*.ckpt are symlinks to such folders, moved
+  atomically once a folder is complete (`AtomicShardedSaves`); loading reads the trained
+  weights back (FSDP2: torch.distributed.checkpoint reshards them if the number of ranks
+  changed), the frozen ones are loaded from their source as always;
+- gradient clipping by norm over all shards (`clip_grad_norm`, called by
+  `StageModule.configure_gradient_clipping`); export gathers full fp32 weights to rank 0
+  (`StageModule.full_weights`; FSDP2: `gathered_fsdp2`).
 """
 from __future__ import annotations
 
@@ -370,7 +386,10 @@ def apply_fully_shard(stage_module: nn.Module, units: FSDPUnits, mesh, *, precis
         if id(module) in units.checkpoint:
             checkpoint(module)
             counts["checkpointed"] += 1
-        if "." in name and name.split(".", 1)[0] in compile_parts:
+        innermost = not any(other.startswith(f"{name}.") for other in names)
+        if "." in name and innermost and name.split(".", 1)[0] in compile_parts:
+            # Innermost blocks only (a UNet's up block holds resnet and transformer blocks that are
+            # units of their own): FSDP2's hooks are dynamo-disabled, each a graph break.
             module.compile(mode=compile_mode)
             counts["compiled"] += 1
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_trained if trains else True, mp_policy=mp,
