@@ -448,7 +448,8 @@ def gathered_fsdp2(parts: list[nn.Module], rank0_only: bool = True, to_cpu: bool
                         swapped.append((module, pname, p))
             if keep and isinstance(module, FSDPModule):
                 classes.append((module, type(module)))
-                module.__class__ = type(module).__mro__[2]  # FSDP<Model>(FSDPModule, <Model>) -> <Model>
+                # FSDP<Model>(FSDPModule, <Model>) -> <Model>
+                module.__class__ = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
     try:
         yield
     finally:
