@@ -20,7 +20,8 @@ from lightning_modules import stage_class
 from lightning_modules.ema import STATE_KEY
 from linguadiff.config import ConfigError, load_config, resolve
 from linguadiff.run import SHARDS_DIR, checkpoint_step
-from linguadiff.strategy import ShardedFSDPStrategy, build_strategy, check_units, fsdp_units, mixed_precision
+from linguadiff.strategy import (FSDP2Strategy, ShardedFSDPStrategy, build_strategy, check_units, fsdp_units,
+                                 mixed_precision, mixed_precision_policy)
 from tests.test_plan import assert_plan_matches_shards
 from tests.test_stage1_training import scalars
 from tests.test_stage23_training import stage_args
@@ -192,6 +193,12 @@ def test_fsdp_units_separate_frozen_from_trained(world, stage1_run, tmp_path):
     assert not any(n.startswith(("text_encoder", "vae")) for n in checkpointed)
     assert not any(a != b and b.startswith(f"{a}.") for a in checkpointed for b in checkpointed)  # never nested
 
+    fsdp2 = build_strategy(cfg, module, "bf16-mixed")  # fsdp.version=2, the default
+    assert isinstance(fsdp2, FSDP2Strategy) and fsdp2.units.wrap == units.wrap and fsdp2.sharding == "FULL_SHARD"
+    assert fsdp2.fsdp_precision == "bf16-mixed" and fsdp2.frozen == "shard" and fsdp2.compile_parts == ()
+    policy = mixed_precision_policy("bf16-mixed")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    cfg.fsdp.version = 1
     strategy = build_strategy(cfg, module, "bf16-mixed")
     assert isinstance(strategy, ShardedFSDPStrategy) and strategy._state_dict_type == "sharded"
     mp = strategy.mixed_precision
