@@ -284,8 +284,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true",
                    help="train.unet=lora: a LoRA (lora.* of the config) on the frozen UNet instead of the whole UNet")
     p.add_argument("--fsdp", action="store_true",
-                   help="also time row g: the full step (cached latents) with LLM, adapter and UNet wrapped as "
-                        "strategy=fsdp wraps them (one process: FSDP on one device); the last row, as it rewraps the parts")
+                   help="also time row g: the full step (cached latents) with LLM, adapter and UNet sharded as "
+                        "strategy=fsdp shards them (one process: FSDP on one device; FSDP2 unless --fsdp-version 1; "
+                        "with --compile their blocks are compiled first); the last row, as it rewraps the parts")
+    p.add_argument("--fsdp-version", type=int, choices=(1, 2), default=2, help="--fsdp: fsdp.version (default 2)")
+    p.add_argument("--fsdp-sharding", choices=("FULL_SHARD", "SHARD_GRAD_OP"), default="FULL_SHARD",
+                   help="--fsdp (version 2): fsdp.sharding")
     p.add_argument("--encode-ahead", action="store_true",
                    help="also time row e+ (f+ with --cached-latents): the full step with speed.encode_ahead")
     p.add_argument("--float8", action="store_true",
@@ -596,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
         def want(*keys: str) -> bool:
             return wanted is None or any(key in wanted for key in keys)
 
-        if args.compile and want("a'", "e'", "f'"):
+        if args.compile and want("a'", "e'", "f'"):  # (--fsdp alone compiles per block)
             started_compile = time.perf_counter()
             module.unet.compile()  # in place: parameter names (EMA, optimizer) stay the same
             try:
@@ -615,10 +619,20 @@ def main(argv: list[str] | None = None) -> dict:
             float8_rows(module, args, info, timed, unet_step, full_step, flops, latents, want, save)
 
         if args.fsdp:
-            module.unet._compiled_call_impl = None  # FSDP wraps the eager UNet (strategy=fsdp refuses compile)
-            optimizer = wrap_like_fsdp(module, cfg, device, optimizer)
-            info["fsdp"] = "one process; units, bf16 mixed precision and activation checkpointing as strategy=fsdp"
-            timed("g", "g full step, cached latents, FSDP (1 device)", full_step(latents), flops=flops.get("f"))
+            # FSDP shards the eager UNet; FSDP2 with --compile compiles each block before sharding.
+            module.unet._compiled_call_impl = None
+            compile_blocks = args.compile and args.fsdp_version == 2
+            started = time.perf_counter()
+            optimizer = wrap_like_fsdp(module, cfg, device, optimizer, args.fsdp_version, args.fsdp_sharding, compile_blocks)
+            label = f"FSDP{args.fsdp_version} {args.fsdp_sharding if args.fsdp_version == 2 else ''}".strip()
+            info["fsdp"] = (f"one process; {label}; units, bf16 mixed precision and activation checkpointing as "
+                            f"strategy=fsdp" + ("; UNet and adapter blocks compiled" if compile_blocks else ""))
+            if compile_blocks and (wanted is None or "g" in wanted):
+                full_step(latents)()
+                info["fsdp_compile_s"] = round(time.perf_counter() - started, 1)
+                print(f"  FSDP2 + compiled blocks: {info['fsdp_compile_s']} s to first step", flush=True)
+            timed("g", f"g full step, {'cached latents, ' if latents else ''}{label} (1 device)"
+                  + (", blocks compiled" if compile_blocks else ""), full_step(latents), flops=flops.get("f" if latents else "e"))
 
     by_key = {r.name.split(" ")[0]: r for r in rows}
     ratios = {}
@@ -664,11 +678,14 @@ def float8_rows(module: DiffusionStage, args, info: dict, timed, unet_step, full
               full_step(latents), flops=flops.get(key))
 
 
-def wrap_like_fsdp(module: DiffusionStage, cfg, device: torch.device, optimizer) -> torch.optim.Optimizer:
-    """Wrap the LLM, adapter and UNet in FSDP units as strategy=fsdp does (linguadiff/strategy.py:
-    the same units, mixed precision and activation checkpointing), each part its own root,
-    since the benchmark calls the parts rather than the module's forward. Returns the new
-    optimizer (the old one's states are dropped first)."""
+def wrap_like_fsdp(module: DiffusionStage, cfg, device: torch.device, optimizer, version: int = 2,
+                   sharding: str = "FULL_SHARD", compile_blocks: bool = False) -> torch.optim.Optimizer:
+    """Shard the LLM, adapter and UNet as strategy=fsdp does (linguadiff/strategy.py: the same
+    units, mixed precision and activation checkpointing): FSDP2 (`apply_fully_shard`, each part
+    its own root; `compile_blocks`: the UNet's and adapter's blocks compiled before sharding, as
+    speed.compile=[unet,adapter] does under FSDP2) or FSDP1 (version=1). The benchmark calls the
+    parts rather than the module's forward. Returns the new optimizer (the old one's states are
+    dropped first)."""
     import functools
 
     import torch.distributed as dist
@@ -677,7 +694,7 @@ def wrap_like_fsdp(module: DiffusionStage, cfg, device: torch.device, optimizer)
     )
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from linguadiff.strategy import check_units, fsdp_units, mixed_precision
+    from linguadiff.strategy import apply_fully_shard, check_units, fsdp2_mesh, fsdp_units, mixed_precision
 
     optimizer.state.clear()
     free_memory(optimizer)
@@ -686,9 +703,14 @@ def wrap_like_fsdp(module: DiffusionStage, cfg, device: torch.device, optimizer)
                                 rank=0, world_size=1)
     units = fsdp_units(module, bool(cfg.fsdp.activation_checkpointing))
     check_units(module, units)
-    precision = mixed_precision("bf16-mixed" if device.type == "cuda" else "32-true")
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    if version == 2:
+        counts = apply_fully_shard(module, units, fsdp2_mesh(device.type, 1, 1, sharding), precision=precision,
+                                   sharding=sharding, compile_parts=("unet", "adapter") if compile_blocks else ())
+        print(f"  FSDP2 {sharding}: {counts}", flush=True)
+        return module.configure_optimizers()["optimizer"]
     for name in ("text_encoder", "adapter", "unet"):
-        wrapped = FSDP(getattr(module, name), auto_wrap_policy=units.wrap_policy(), mixed_precision=precision,
+        wrapped = FSDP(getattr(module, name), auto_wrap_policy=units.wrap_policy(), mixed_precision=mixed_precision(precision),
                        device_id=device, use_orig_params=True, limit_all_gathers=True)
         if units.checkpoint:
             apply_activation_checkpointing(

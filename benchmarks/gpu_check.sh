@@ -2,7 +2,8 @@
 # The GPU checks of scale-out in one script (about 9 minutes on an H200; results in $OUT):
 #   1. SDXL stage 2 at 1024 px, batch 8, random weights + random Qwen2.5-7B: the UNet-alone step,
 #      the full step on the fly, with cached latents, and with cached latents + a compiled UNet;
-#   2. the same with FSDP on one GPU (a separate process: it rewraps the parts);
+#   2. the same with FSDP2 on one GPU and compiled blocks, FULL_SHARD and SHARD_GRAD_OP (separate
+#      processes: they reshard the parts), compared with the compiled step without FSDP (row f');
 #   2b. drawing in the presets' dtypes: tiny SDXL- and SD1.5-shaped stage 2 in bf16-mixed with a bf16 VAE
 #      and the sample callback at every step, then generate.py in bf16/fp16/fp32 (about a minute);
 #   3. (PART=2) the demo trained through strategy=fsdp in bf16 for a few steps (stages 1 and 2),
@@ -65,7 +66,13 @@ elif [ "${PART:-1}" = plan ]; then
         stage=2 model=sd15 llm=qwen2.5-7b data.batch_size=32 cached_latents=true ema=false
 elif [ "${PART:-1}" = 1 ]; then
     bench sdxl 390 --preset sdxl-7b --compile --iters 4 --warmup 2 --no-flops --only "a,e,f,a',f'"
-    bench sdxl_fsdp 150 --preset sdxl-7b --cached-latents --fsdp --iters 4 --warmup 2 --no-flops --only a,g
+    # FSDP2 on one GPU with compiled blocks (FULL_SHARD, then SHARD_GRAD_OP), each in its own process
+    # (it reshards the parts), against row f' above: the issue's "within 10% with compile on".
+    bench sdxl_fsdp 300 --preset sdxl-7b --cached-latents --fsdp --compile --iters 4 --warmup 2 --no-flops --only g
+    bench sdxl_fsdp_grad_op 300 --preset sdxl-7b --cached-latents --fsdp --fsdp-sharding SHARD_GRAD_OP --compile \
+        --iters 4 --warmup 2 --no-flops --only g
+    python benchmarks/fsdp_vs_plain.py "$OUT/sdxl.json" "$OUT/sdxl_fsdp.json" "$OUT/sdxl_fsdp_grad_op.json" \
+        | tee "$OUT/fsdp_vs_plain.txt" || { echo "!!! fsdp_vs_plain failed"; failed=1; }
     echo "=== sample_dtypes: python benchmarks/check_sample_dtypes.py"
     timeout 240 python benchmarks/check_sample_dtypes.py --out "$OUT/sample_dtypes" 2>&1 | grep -E "^(device|sdxl|sd15):|Error|error" \
         | tee "$OUT/sample_dtypes.txt" | tail -5

@@ -33,7 +33,7 @@ from linguadiff.models.float8 import check_float8_device, convert_to_float8
 from linguadiff.models.frozen import freeze
 from linguadiff.models.lora import is_lora_name
 from linguadiff.models.prompt_encoder import PromptEncoder
-from linguadiff.strategy import is_fsdp
+from linguadiff.strategy import FSDP2Strategy, clip_grad_norm, gathered_fsdp2, is_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ class StageModule(L.LightningModule):
 
     def apply_speed_options(self) -> None:
         """`speed.float8` (linear layers trained in float8, weights and their names unchanged),
-        `speed.compile` (parts compiled in place: their weight names, and so checkpoints,
-        stay the same) and `speed.channels_last` (the UNet's convolutions)."""
+        `speed.compile` (parts compiled in place: their weight names, and so checkpoints, stay
+        the same; under FSDP2 the strategy compiles each of their blocks instead) and
+        `speed.channels_last` (the UNet's convolutions)."""
         sp = self.settings
         children = dict(self.named_children())
         for name in sp.float8:  # before compiling: the compiled graph holds the float8 casts
@@ -84,6 +85,8 @@ class StageModule(L.LightningModule):
             if name not in children:
                 raise ConfigError(f"config key 'speed.compile' names {name!r}, which stage {sp.stage} does not have; "
                                   f"its parts are {sorted(children)}")
+            if sp.compile_per_block:
+                continue  # FSDP2 compiles each block of the part before sharding it (linguadiff/strategy.py)
             children[name].compile(mode=None if sp.compile_mode == "default" else sp.compile_mode)
         if sp.channels_last and "unet" in children:
             children["unet"].to(memory_format=torch.channels_last)
@@ -191,12 +194,12 @@ class StageModule(L.LightningModule):
         because, with an fp16 grad scaler, they unscale internally. Under bf16 and fp32 there
         is no scaler (and fp16 never gets a fused optimizer here), so gradients are true ones."""
         if gradient_clip_val and is_fsdp(self.trainer.strategy):
-            # The norm over all shards: only the root FSDP module knows them all.
+            # The norm over all shards (FSDP1: only the root knows them all; FSDP2: DTensors).
             if gradient_clip_algorithm == "value":
                 params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             else:
-                self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+                clip_grad_norm(self.trainer.strategy, optimizer, gradient_clip_val)
             return
         if gradient_clip_val and optimizer.defaults.get("fused"):
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -216,6 +219,12 @@ class StageModule(L.LightningModule):
             if write:
                 unwrap(self.adapter).save(directory / "adapter.safetensors", metadata)
 
+    def exported_parts(self) -> list[str]:
+        """The parts export writes: what trains, and the adapter (frozen in stage 3, still exported)."""
+        children = dict(self.named_children())
+        names = list(self.settings.trainable)
+        return names + ["adapter"] if "adapter" not in names and children.get("adapter") is not None else names
+
     @contextmanager
     def full_weights(self) -> Iterator[bool]:
         """Context on every rank in which the trained parts hold their full weights; yields
@@ -227,6 +236,11 @@ class StageModule(L.LightningModule):
             return
         if not is_fsdp(trainer.strategy):
             yield trainer.is_global_zero
+            return
+        if isinstance(trainer.strategy, FSDP2Strategy):
+            parts = [getattr(self, name) for name in self.exported_parts()]
+            with gathered_fsdp2(parts, rank0_only=True, to_cpu=self.device.type != "cpu"):
+                yield trainer.is_global_zero
             return
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy

@@ -32,6 +32,8 @@ export is the UNet and a metadata file (export.METADATA_FILE), no adapter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ from linguadiff.models.diffusion import (
 )
 from linguadiff.models.prompt_encoder import PromptEncoder
 from linguadiff.models.text_encoder import LLMTextEncoder
-from linguadiff.strategy import llm_device
+from linguadiff.strategy import llm_device, resharded
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +243,14 @@ class DiffusionStage(StageModule):
         # batch-end hook, and a checkpoint must hold the average including this step.
         self.ema.after_step(optimizer, initial)
 
-    def ema_weights(self):
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
         """Context: the EMA weights in place of the trained ones (samples, export)."""
         optimizer = self.optimizers(use_pl_optimizer=False) if self._trainer is not None and self.trainer.optimizers else None
-        return self.ema.applied(optimizer)
+        # FSDP2 units a forward left gathered would not see the averages written into their
+        # shards, and after the swap back would keep computing with the averages: reshard.
+        with resharded(self), self.ema.applied(optimizer):
+            yield
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss at fixed timesteps with fixed noise: comparable across validations and runs."""

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from linguadiff.models.diffusion import DiffusionLossConfig
 from linguadiff.models.lora import LoraSettings
 from linguadiff.models.losses import AlignmentLoss, ContextPart, alignment_loss_from_config
+from linguadiff.strategy import fsdp_version
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class StageSettings:
     optim: OptimSettings
     compile: tuple[str, ...] = ()  # parts compiled in place
     compile_mode: str = "default"
+    compile_per_block: bool = False  # FSDP2: the strategy compiles each block of those parts, not the part
     channels_last: bool = False  # the UNet's convolutions (and its inputs) in channels-last
     float8: tuple[str, ...] = ()  # parts whose linear layers train in float8 (torchao)
 
@@ -55,6 +57,7 @@ class StageSettings:
     def from_config(cls, cfg: DictConfig) -> "StageSettings":
         return cls(stage=int(cfg.stage), trainable=tuple(cfg.train.trainable), optim=OptimSettings.from_config(cfg),
                    compile=tuple(cfg.speed.compile), compile_mode=str(cfg.speed.compile_mode),
+                   compile_per_block=cfg.trainer.strategy == "fsdp" and fsdp_version(cfg) == 2,
                    channels_last=bool(cfg.speed.channels_last), float8=tuple(cfg.speed.float8))
 
 

@@ -15,8 +15,9 @@ prints, per rank, what the run's memory holds:
   downloaded. Frozen parts in their dtype, trained ones as fp32 master weights;
 - gradients (fp32), AdamW's two fp32 states and the EMA's fp32 copy, for what trains;
 - under ``strategy=fsdp`` all of these are split over the ranks of a shard group, unit by
-  unit as `linguadiff.strategy.fsdp_units` wraps them (the VAE stays whole on every rank;
-  today's FSDP1 flat units: per-parameter sharding, FSDP2, differs only by padding);
+  unit as `linguadiff.strategy.fsdp_units` wraps them (the VAE stays whole on every rank):
+  FSDP2 (fsdp.version=2) splits each weight by rows, FSDP1 each unit's flat weight
+  (`unit_share`); ``fsdp.frozen=replicate`` keeps the frozen LLM whole on every rank;
   under DDP every rank holds all of it, plus DDP's gradient buckets;
 - bf16 working copies of the trained weights (autocast's cast cache, FSDP's gathered units);
 - activations: the peak of the step's phases (VAE encode, LLM forward, the trained parts'
@@ -69,8 +70,8 @@ ANCHORS = {
     "compiled": (["stage=2", "model=sdxl", "llm=qwen2.5-7b", "data.batch_size=8", "tokens=121", "cached_latents=true",
                   "speed.compile=[unet]"], 108.9, "README Measured row f': cached latents + compiled UNet, 108.9 GiB"),
     "fsdp_checkpointing": (["stage=2", "model=sdxl", "llm=qwen2.5-7b", "data.batch_size=8", "tokens=121",
-                            "cached_latents=true", "strategy=fsdp"], 82.5,
-                           "README Measured row g: FSDP on one GPU, activation checkpointing, 82.5 GiB"),
+                            "cached_latents=true", "strategy=fsdp", "fsdp.version=1"], 82.5,
+                           "README Measured row g: FSDP1 on one GPU, activation checkpointing, 82.5 GiB"),
 }
 # UNet step alone at SDXL 1024 px batch 8 (DESIGN.md anchors): 100 GiB eager, 58 GiB with
 # diffusers' gradient checkpointing; the UNet's weights, gradients and AdamW states hold 38.3 GiB.
@@ -366,7 +367,8 @@ def plan_config(train_args: Sequence[str]) -> DictConfig:
 
 
 def _units(container) -> list[dict]:
-    """FSDP units as linguadiff/strategy.py chooses them: (name, parameters it owns, trains).
+    """FSDP units as linguadiff/strategy.py chooses them: (name, parameters it owns, trains,
+    and each weight's rows: (first dimension, elements per row), which FSDP2 shards by).
     A weight tied between modules (mT5's shared embedding) is counted once, in the first unit
     that owns it (`unit_of_parameters`)."""
     from linguadiff.strategy import fsdp_units, unit_of_parameters
@@ -375,9 +377,23 @@ def _units(container) -> list[dict]:
     summary: dict[str, dict] = {}
     for name, unit in unit_of_parameters(container, fsdp_units(container, activation_checkpointing=False)).items():
         p = params[name]
-        entry = summary.setdefault(unit, {"unit": unit, "parameters": 0, "trains": p.requires_grad})
+        entry = summary.setdefault(unit, {"unit": unit, "parameters": 0, "trains": p.requires_grad, "rows": []})
         entry["parameters"] += p.numel()
+        rows = p.shape[0] if p.dim() else 1
+        entry["rows"].append((rows, p.numel() // max(rows, 1)))
     return list(summary.values())
+
+
+def unit_share(unit: dict, group: int, version: int) -> int:
+    """Elements of `unit` on the rank holding the most of it, sharded over `group` ranks.
+    FSDP1: one flat weight padded to a multiple of the group, 1/group each. FSDP2: each weight
+    split by rows (its first dimension) into chunks of ceil(rows / group): rank 0 holds a full
+    chunk of every weight (so it is the largest), the last ranks may hold less, or nothing."""
+    if group <= 1:
+        return unit["parameters"]
+    if version == 1:
+        return math.ceil(unit["parameters"] / group)
+    return sum(min(rows, math.ceil(rows / group)) * per_row for rows, per_row in unit["rows"])
 
 
 def _part_of(unit: str) -> str:
@@ -406,10 +422,15 @@ def _plan(cfg: DictConfig, o: dict[str, Any], parts: list[Part], unet_config, ll
     world = devices * nodes
     strategy = "ddp" if t.strategy == "auto" and world > 1 else str(t.strategy)
     fsdp = strategy == "fsdp"
+    version = int(OmegaConf.select(cfg, "fsdp.version", default=2))
     sharding = str(cfg.fsdp.sharding) if fsdp else None
-    if fsdp and world == 1:
-        sharding = "NO_SHARD"  # FSDP on one GPU does not shard (DESIGN.md)
+    if fsdp and world == 1 and version == 1:
+        sharding = "NO_SHARD"  # FSDP1 on one GPU does not shard (DESIGN.md)
     group = {"FULL_SHARD": world, "SHARD_GRAD_OP": world, "HYBRID_SHARD": devices, "NO_SHARD": 1}.get(sharding, 1)
+    # fsdp.frozen=replicate (FSDP2): the frozen parts are no units, whole in their dtype on every rank.
+    replicate_frozen = fsdp and version == 2 and str(OmegaConf.select(cfg, "fsdp.frozen", default="shard")) == "replicate"
+    if replicate_frozen:
+        units = [u for u in units if u["trains"]]
     offload = fsdp and bool(cfg.fsdp.cpu_offload)
     precision = str(t.precision)
     mixed = precision in ("auto", "bf16-mixed", "16-mixed", "bf16", "16")
@@ -420,11 +441,11 @@ def _plan(cfg: DictConfig, o: dict[str, Any], parts: list[Part], unet_config, ll
     ema = stage > 1 and bool(o["ema"])
     tokens = int(o["tokens"]) or int(cfg.llm.max_length)
 
-    # Per-rank elements of each part: sharded unit by unit (each unit's flat weight padded to a
-    # multiple of the group), whole where not sharded or ignored (the VAE).
+    # Per-rank elements of each part (the rank that holds the most): sharded unit by unit
+    # (`unit_share`), whole where not sharded, ignored (the VAE) or replicated (fsdp.frozen).
     by_part: dict[str, int] = {}
     for u in units:
-        share = math.ceil(u["parameters"] / group) if group > 1 else u["parameters"]
+        share = unit_share(u, group, version)
         by_part[_part_of(u["unit"])] = by_part.get(_part_of(u["unit"]), 0) + share
     per_rank = {p.name: (by_part.get(p.name, p.params) if fsdp else p.params) for p in parts}
     trained = [p for p in parts if p.trains]
@@ -450,8 +471,10 @@ def _plan(cfg: DictConfig, o: dict[str, Any], parts: list[Part], unet_config, ll
         rows.append(Row("EMA (fp32)", 4 * trained_elements / GIB * on_gpu, "in the optimizer state, sharded with it"))
     copy_bytes = 2 if mixed else 4
     # FULL_SHARD (and offload) gathers unit by unit: the frozen ones only in their forward
-    # (counted in the LLM's phase below), the trained ones in forward and backward.
-    gathers_units = fsdp and ((sharding in ("FULL_SHARD", "HYBRID_SHARD") and group > 1) or offload)
+    # (counted in the LLM's phase below), the trained ones in forward and backward. FSDP2 casts
+    # to bf16 unit by unit even on one GPU (its "gathered" copies are the bf16 ones).
+    gathers_units = fsdp and ((sharding in ("FULL_SHARD", "HYBRID_SHARD") and (group > 1 or (version == 2 and mixed)))
+                              or offload)
     if not fsdp:
         copies = (2 * trained_total / GIB, "autocast's bf16 copies of the trained weights") if mixed else (0.0, "")
     elif gathers_units:
@@ -497,7 +520,10 @@ def _plan(cfg: DictConfig, o: dict[str, Any], parts: list[Part], unet_config, ll
         phases["adapter forward/backward"] = adapter_saved_bytes(cfg.adapter, tokens) * batch * act_scale * CALIBRATION["eager"]
     if not o["cached_llm_states"] or stage == 1:
         frozen_units = [u["parameters"] for u in units if not u["trains"] and _part_of(u["unit"]) == "text_encoder"]
-        gathered = 2 * max(frozen_units, default=0) * BYTES[str(cfg.llm.dtype)] if gathers_units else 0
+        # Frozen units are gathered for their forward whenever they are sharded (FSDP2 reshards
+        # them after forward under every mode: no backward would free them).
+        frozen_gathered = gathers_units or (fsdp and version == 2 and group > 1)
+        gathered = 2 * max(frozen_units, default=0) * BYTES[str(cfg.llm.dtype)] if frozen_gathered else 0
         phases["LLM forward"] = gathered + llm_forward_bytes(llm_config, batch, tokens, BYTES[str(cfg.llm.dtype)],
                                                              list(cfg.llm.layers) != [-1])
     phase, act = max(phases.items(), key=lambda kv: kv[1])
@@ -509,7 +535,8 @@ def _plan(cfg: DictConfig, o: dict[str, Any], parts: list[Part], unet_config, ll
     gpu = float(o["gpu_memory"] or 0)
     precision_name = "bf16-mixed" if mixed else precision
     summary = (f"stage {stage}, model={cfg.model.name} llm={cfg.llm.name}, strategy={strategy}"
-               + (f" ({sharding}{', cpu_offload' if offload else ''})" if fsdp else "")
+               + (f" (FSDP{version} {sharding}{', frozen replicated' if replicate_frozen else ''}"
+                  f"{', cpu_offload' if offload else ''})" if fsdp else "")
                + f", {world} rank{'s' if world > 1 else ''} ({devices} x {nodes} node{'s' if nodes > 1 else ''}), "
                f"{precision_name}, batch {batch} per rank"
                + (f" at {cfg.model.resolution} px" if stage > 1 else "")
@@ -568,6 +595,8 @@ def suggestions(train_args: list[str], options: dict[str, Any], plan: Plan, buil
     if stage > 1 and not (options["cached_latents"] and options["cached_llm_states"]):
         steps.append(("cached features (scripts/cache_features.py with cache.llm_states=true)", {},
                       {**options, "cached_latents": True, "cached_llm_states": True}))
+    if world > 1 and fsdp and str(OmegaConf.select(cfg, "fsdp.frozen", default="shard")) == "replicate":
+        steps.append(("shard the frozen LLM too", {"fsdp__frozen": "shard"}, options))
     if world > 1 and not (fsdp and sharding in ("SHARD_GRAD_OP", "FULL_SHARD")):
         steps.append(("shard the frozen LLM, gradients and optimizer state (ZeRO-2-like)",
                       {"strategy": "fsdp", "fsdp__sharding": "SHARD_GRAD_OP"}, options))

@@ -35,6 +35,8 @@ SCHEDULES = ("cosine", "constant")  # lightning_modules/base.py
 SAMPLERS = ("dpm++", "ddim", "euler", "ddpm")  # generation.py make_scheduler
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")  # torch ShardingStrategy
+FSDP_VERSIONS = (1, 2)  # strategy.py: FullyShardedDataParallel | fully_shard
+FSDP_FROZEN = ("shard", "replicate")  # strategy.py FROZEN_MODES
 STRATEGIES = ("auto", "ddp", "fsdp")  # strategy.py
 UNET_TRAINING = ("full", "lora")  # lightning_modules/diffusion_stage.py
 MODEL_KINDS = ("demo", "sd15", "sdxl")
@@ -178,6 +180,14 @@ def settings_problems(cfg: DictConfig, training: bool = True) -> Problems:
     if not ((_is_int(limit) and limit >= 0) or (_is_number(limit) and 0 <= limit <= 1)):
         p.append(f"config key 'trainer.limit_val_batches' must be a fraction in [0, 1] or a whole number of batches >= 0, got {_show(limit)}")
     c.choice("fsdp.sharding", FSDP_SHARDING)
+    c.choice("fsdp.version", FSDP_VERSIONS)
+    c.choice("fsdp.frozen", FSDP_FROZEN)
+    if OmegaConf.select(cfg, "trainer.strategy") == "fsdp" and OmegaConf.select(cfg, "fsdp.version") == 1:
+        if OmegaConf.select(cfg, "speed.compile"):
+            p.append("config key 'speed.compile' does not combine with fsdp.version=1 (FSDP1 breaks the graph at every "
+                     "unit): use fsdp.version=2, or speed.compile=[]")
+        if OmegaConf.select(cfg, "fsdp.frozen") == "replicate":
+            p.append("config key 'fsdp.frozen' is replicate, which needs fsdp.version=2 (FSDP1 shards every unit)")
 
     # checkpoints, evaluation, generation, caching
     c.integer("checkpoint.every_n_steps", low=1)

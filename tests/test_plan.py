@@ -108,6 +108,32 @@ def test_disk_and_epoch_time_at_the_papers_scale():
     assert abs(plan.epoch["hours"] - 43e6 / (15.56 * 8) / 3600) < 1e-6
 
 
+def test_fsdp2_shards_weights_by_rows_and_can_replicate_the_frozen_llm():
+    built: dict = {}
+
+    def plan(*extra: str) -> planner.Plan:
+        train_args, options, _ = planner.split_arguments(["stage=2", "model=sd15", "llm=qwen2.5-1.5b", "strategy=fsdp",
+                                                          "trainer.devices=8", *extra])
+        return planner.make_plan(train_args, options, built)  # the meta models built once
+
+    full, v1 = plan(), plan("fsdp.version=1")
+    assert "FSDP2 FULL_SHARD" in full.summary and "FSDP1 FULL_SHARD" in v1.summary
+    params = {p["name"]: p["params"] for p in full.parts}
+    for name in ("text_encoder", "adapter", "unet"):
+        # Rows split in chunks of ceil(rows / 8): rank 0 holds a little more than FSDP1's flat eighth.
+        assert v1.per_rank_elements[name] <= full.per_rank_elements[name] <= 1.01 * v1.per_rank_elements[name], name
+    replicated = plan("fsdp.frozen=replicate")
+    assert replicated.per_rank_elements["text_encoder"] == params["text_encoder"]
+    assert replicated.per_rank_elements["unet"] == full.per_rank_elements["unet"]
+    llm_rows = [r for p in (full, replicated) for r in p.rows if r.label.startswith("frozen weights: LLM")]
+    assert abs(llm_rows[1].gib - params["text_encoder"] * 2 / 2**30) < 0.01 and llm_rows[1].gib > 7 * llm_rows[0].gib
+    # SHARD_GRAD_OP keeps the trained parts' bf16 weights gathered from forward to backward.
+    grad_op = plan("fsdp.sharding=SHARD_GRAD_OP")
+    working = {p.summary: next(r.gib for r in p.rows if r.label.startswith("working copies")) for p in (full, grad_op)}
+    assert abs(working[grad_op.summary] - 2 * (params["adapter"] + params["unet"]) / 2**30) < 0.01
+    assert working[grad_op.summary] > 3 * working[full.summary]  # FULL_SHARD: a few units in flight
+
+
 # ---------------------------------------------------------------------- against a real 2-rank run
 
 
@@ -123,8 +149,12 @@ def assert_plan_matches_shards(args: list[str], probe: Path) -> None:
     predicted = plan.per_rank_elements
     trained = ("adapter", "unet")
     parts = {p["name"]: p for p in plan.parts}
-    # Tolerance: FSDP pads each unit's flat weight to a multiple of the ranks, and aligns each
+    # FSDP2 (the default) splits each weight by rows: the planner predicts rank 0's share
+    # exactly. FSDP1 pads each unit's flat weight to a multiple of the ranks, and aligns each
     # weight inside it (at most a few elements per weight); the planner counts ceil(unit / 2).
+    if "fsdp.version=1" not in args:
+        for name in ("text_encoder", "adapter", "unet"):
+            assert ranks[0]["parts"][name]["elements"] == predicted[name], (name, ranks[0]["parts"][name], predicted[name])
     for name in ("text_encoder", "adapter", "unet", "vae"):
         slack = 0.002 * predicted[name] + 16
         for r in ranks:

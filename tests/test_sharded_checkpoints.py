@@ -1,8 +1,8 @@
 """Sharded (FSDP) checkpoints: each save is a folder of its own and the checkpoint names are
 symlinks moved atomically, so a kill at any instant of a save leaves a resumable checkpoint.
 
-Driven through the real `ShardedFSDPStrategy.save_checkpoint` in one process: the shard
-writer (torch.distributed.checkpoint, Lightning's `_distributed_checkpoint_save`) is replaced
+Driven through the real `save_checkpoint` of both FSDP strategies (FSDP2Strategy and FSDP1's
+ShardedFSDPStrategy) in one process: the shard writer (torch.distributed.checkpoint) is replaced
 by one that writes what it writes (shard files, then .metadata last), and the kill is an
 exception raised at each step in turn. The 2-rank run that saves, resumes and continues is
 tests/test_scale_out.py::test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes."""
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from linguadiff.run import SHARDS_DIR, checkpoint_step, remove_partial_saves, resume_checkpoint
-from linguadiff.strategy import ShardedFSDPStrategy
+from linguadiff.strategy import FSDP2Strategy, FSDPUnits, ShardedFSDPStrategy
 
 
 class Killed(BaseException):
@@ -30,16 +30,25 @@ def fake_shard_writer(state: dict, path: Path) -> None:
     (Path(path) / ".metadata").write_bytes(b"metadata")
 
 
-def save(strategy: ShardedFSDPStrategy, path: Path, step: int) -> None:
+def save(strategy, path: Path, step: int) -> None:
     strategy.save_checkpoint({"global_step": step, "state_dict": {}, "optimizer_states": []}, path)
 
 
-@pytest.fixture
-def strategy(monkeypatch) -> ShardedFSDPStrategy:
-    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+# Where each version's shard writer and meta.pt writer are looked up (what a kill can interrupt).
+WRITERS = {1: ("lightning.pytorch.strategies.fsdp._distributed_checkpoint_save", "lightning.pytorch.strategies.fsdp.torch.save"),
+           2: ("linguadiff.strategy.write_distributed_checkpoint", "linguadiff.strategy.torch.save")}
 
-    monkeypatch.setattr(lightning_fsdp, "_distributed_checkpoint_save", fake_shard_writer)
-    return ShardedFSDPStrategy(state_dict_type="sharded")  # one process: broadcast and barrier pass through
+
+@pytest.fixture(params=[2, 1], ids=["fsdp2", "fsdp1"])
+def strategy(request, monkeypatch):
+    monkeypatch.setattr(WRITERS[request.param][0], fake_shard_writer)
+    # One process: broadcast and barrier pass through.
+    if request.param == 1:
+        made = ShardedFSDPStrategy(state_dict_type="sharded")
+    else:
+        made = FSDP2Strategy(FSDPUnits(frozenset(), frozenset(), {}), "32-true")
+    made.version = request.param
+    return made
 
 
 def folders(checkpoints: Path) -> list[str]:
@@ -73,8 +82,8 @@ def _write_meta_then_die(*args, **kwargs):
 
 # Each stage of a save of last.ckpt at step 4 where a kill can land: (what to break, expected step).
 KILLS = {
-    "while the shards are written": ("lightning.pytorch.strategies.fsdp._distributed_checkpoint_save", 2),
-    "while meta.pt is written": ("lightning.pytorch.strategies.fsdp.torch.save", 2),
+    "while the shards are written": ("shard writer", 2),
+    "while meta.pt is written": ("meta writer", 2),
     "before the new link exists": ("linguadiff.run.os.symlink", 2),
     "between the link and its rename": ("linguadiff.run.os.replace", 2),
     "before the old folder is removed": ("linguadiff.run.remove_unpointed", 4),
@@ -84,16 +93,17 @@ KILLS = {
 @pytest.mark.parametrize("stage", KILLS)
 def test_a_kill_at_any_stage_of_a_sharded_save_leaves_a_resumable_checkpoint(strategy, tmp_path, monkeypatch, stage):
     target, expected = KILLS[stage]
+    target = {"shard writer": WRITERS[strategy.version][0], "meta writer": WRITERS[strategy.version][1]}.get(target, target)
     checkpoints = tmp_path / "checkpoints"
     save(strategy, checkpoints / "last.ckpt", 2)  # no periodic checkpoint: last.ckpt is the only one
     strategy._last_shard_folder = None
 
-    if target.endswith("_distributed_checkpoint_save"):
+    if target == WRITERS[strategy.version][0]:
         def dies(state, path):  # one shard on disk, no .metadata
             (Path(path) / "__0_0.distcp").write_bytes(b"sh")
             raise Killed
         monkeypatch.setattr(target, dies)
-    elif target.endswith("torch.save"):
+    elif target == WRITERS[strategy.version][1]:
         def dies(obj, f, *args, **kwargs):
             Path(f).write_bytes(b"PK\x03\x04 half")
             raise Killed
