@@ -54,7 +54,10 @@ IDENTITY_KEYS = (
     "train.unet", "lora.rank", "lora.alpha", "lora.target_modules",  # a UNet LoRA's (or the full UNet's) weights
     "diffusion.prediction_type", "loss.type", "loss.per_encoder",  # the objective
     "trainer.strategy",  # compared by family: auto and ddp save whole checkpoints, fsdp sharded ones
+    "fsdp.version",  # under strategy=fsdp: FSDP1 and FSDP2 shard checkpoints differently
 )
+# What a run saved before an identity key existed had for it (FSDP runs before fsdp.version: FSDP1).
+SAVED_BEFORE_THE_KEY = {"fsdp.version": 1}
 # Identity keys a control run (text_encoder=clip) does not use.
 CONTROL_UNUSED = ("llm.", "adapter")
 _ABSENT = object()
@@ -104,7 +107,11 @@ class RunDir:
             for key in IDENTITY_KEYS:
                 if control and key.startswith(CONTROL_UNUSED):
                     continue
+                if key == "fsdp.version" and OmegaConf.select(cfg, "trainer.strategy") != "fsdp":
+                    continue  # (a switch to or from fsdp is refused by trainer.strategy's family)
                 old, new = OmegaConf.select(previous, key, default=_ABSENT), OmegaConf.select(cfg, key)
+                if old is _ABSENT:
+                    old = SAVED_BEFORE_THE_KEY.get(key, _ABSENT)
                 if old is _ABSENT:
                     continue  # saved before this key existed: nothing to compare with
                 if _identity(key, old) != _identity(key, new):

@@ -104,6 +104,29 @@ def test_a_control_run_resumes_whatever_the_llm_settings_say(tmp_path):
         prepare("text_encoder=llm")
 
 
+def test_an_fsdp_run_keeps_its_fsdp_version(tmp_path):
+    """FSDP1 and FSDP2 shard checkpoints differently: a relaunch may not switch between them,
+    and a run saved before fsdp.version existed was FSDP1's."""
+    from omegaconf import OmegaConf
+
+    def prepare(*extra):
+        return RunDir.prepare(resolve(load_config([f"run_dir={tmp_path}", "data=custom", "strategy=fsdp", *extra])))
+
+    prepare().release()
+    with pytest.raises(ConfigError, match="fsdp.version=2, this launch has fsdp.version=1"):
+        prepare("fsdp.version=1")
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    del saved.fsdp["version"]  # as written before the key existed
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="fsdp.version=1, this launch has fsdp.version=2"):
+        prepare()
+    prepare("fsdp.version=1").release()
+    # Other strategies never read it.
+    ddp = tmp_path / "ddp"
+    RunDir.prepare(resolve(load_config([f"run_dir={ddp}", "data=custom", "strategy=ddp"]))).release()
+    RunDir.prepare(resolve(load_config([f"run_dir={ddp}", "data=custom", "strategy=ddp", "fsdp.version=1"]))).release()
+
+
 def test_config_resolves_demo_shards_only_once_datamodules_registered_them(tmp_path, monkeypatch):
     import subprocess
     import sys
