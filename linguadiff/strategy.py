@@ -314,15 +314,15 @@ class ShardedFSDPStrategy(AtomicShardedSaves, FSDPStrategy):
 
 # ---------------------------------------------------------------------- FSDP2 (fully_shard)
 
-# fsdp.sharding under FSDP2: (2-D mesh: replicate across groups, shard within one,
-# trained units reshard after forward). Frozen units always reshard after forward: no
-# backward pass ever runs through them to free their gathered weights (keeping a frozen
-# model whole on every rank is fsdp.frozen=replicate's job).
+# fsdp.sharding under FSDP2 -> whether trained units reshard after forward (the mesh for each
+# is `fsdp2_mesh`'s). Frozen units always reshard after forward: no backward pass ever runs
+# through them to free their gathered weights (keeping a frozen model whole on every rank is
+# fsdp.frozen=replicate's job).
 FSDP2_SHARDING = {
-    "FULL_SHARD": (False, True),  # ZeRO-3: weights gathered for forward, again for backward
-    "SHARD_GRAD_OP": (False, False),  # ZeRO-2-like: gathered once, kept through backward
-    "HYBRID_SHARD": (True, True),  # shard in a node, replicate across nodes
-    "NO_SHARD": (True, True),  # replicate everywhere (a mesh of world x 1): DDP through FSDP
+    "FULL_SHARD": True,  # ZeRO-3: weights gathered for forward, again for backward
+    "SHARD_GRAD_OP": False,  # ZeRO-2-like: gathered once, kept through backward
+    "HYBRID_SHARD": True,  # shard in a node, replicate across nodes (a 2-D mesh)
+    "NO_SHARD": True,  # replicate everywhere (a mesh of world x 1): DDP through FSDP
 }
 FROZEN_MODES = ("shard", "replicate")
 
@@ -371,7 +371,7 @@ def apply_fully_shard(stage_module: nn.Module, units: FSDPUnits, mesh, *, precis
         raise ConfigError(f"config key 'fsdp.sharding' must be one of {list(FSDP2_SHARDING)}, got {sharding!r}")
     if frozen not in FROZEN_MODES:
         raise ConfigError(f"config key 'fsdp.frozen' must be one of {list(FROZEN_MODES)}, got {frozen!r}")
-    _, reshard_trained = FSDP2_SHARDING[sharding]
+    reshard_trained = FSDP2_SHARDING[sharding]
     mp = mixed_precision_policy(precision)
     offload = CPUOffloadPolicy() if cpu_offload and mesh.device_type != "cpu" else OffloadPolicy()
     modules = dict(stage_module.named_modules())
