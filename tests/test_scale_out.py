@@ -57,12 +57,16 @@ def _env(probe: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], probe: Path | None = None, timeout: float = 300, shard_probe: Path | None = None
-         ) -> subprocess.CompletedProcess:
+def _run(args: list[str], probe: Path | None = None, timeout: float = 300, shard_probe: Path | None = None,
+         torchrun: int = 0) -> subprocess.CompletedProcess:
     """train.py (with the key probe; `shard_probe`: where each rank writes what it holds) in a
-    fresh process, as a user launches it."""
+    fresh process, as a user launches it: `python train.py` (Lightning starts ranks 1.. once
+    rank 0 has loaded its models), or with `torchrun` > 0, `torchrun --nproc-per-node N
+    train.py` (every rank starts at once, as under srun)."""
     extra = {"LINGUADIFF_SHARD_PROBE": str(shard_probe)} if shard_probe else {}
-    result = subprocess.run([sys.executable, "tests/probe_train.py", *args], cwd=ROOT, env=_env(probe, **extra),
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] \
+        if torchrun else [sys.executable]
+    result = subprocess.run([*launcher, "tests/probe_train.py", *args], cwd=ROOT, env=_env(probe, **extra),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -245,7 +249,8 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
               "trainer.val_check_interval": 2, "samples.every_n_steps": 4}
     first = stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 2})
     (tmp_path / "shards").mkdir()
-    _run(first, shard_probe=tmp_path / "shards")
+    # Both ranks start at once (torchrun, as srun does); test_ddp_on_cpu_... uses Lightning's launcher.
+    _run(first, shard_probe=tmp_path / "shards", torchrun=2)
     # The memory planner, given the same arguments, predicts what each rank held (tests/test_plan.py).
     assert_plan_matches_shards(first, tmp_path / "shards")
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -272,7 +277,7 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     half.mkdir()
     (half / "__0_0.distcp").write_bytes(b"half")
     os.symlink(half.name, checkpoints / ".step00000003.ckpt.partial-link-2")
-    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}))
+    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}), torchrun=2)
     assert "which is missing" in result.stderr and "step00000002.ckpt (step 2)" in result.stderr
     assert not half.exists() and not [p for p in checkpoints.iterdir() if ".partial" in p.name]
     assert checkpoint_step(last) == 4
@@ -286,20 +291,26 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     adapter, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
     assert meta["global_step"] == 4 and adapter.queries.shape[0] == 77  # gathered whole, not a shard
 
-    # An export a kill left incomplete (no completion marker): the relaunch exports it again,
-    # gathering the shards from the resumed sharded checkpoint, and ends.
+    # An export a kill left incomplete (no completion marker): the relaunch exports it again
+    # from the resumed sharded checkpoint, and ends. It runs on one rank: the two ranks' shards
+    # of the weights and of the optimizer states (the EMA, which the export holds) are read
+    # resharded, so the export must come out the same.
     from linguadiff.export import COMPLETE_FILE, export_complete
 
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "export" / "unet").state_dict()
     (run_dir / "export" / COMPLETE_FILE).unlink()
     (run_dir / "export" / "adapter.safetensors").write_bytes(b"half")
-    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}), timeout=180)
+    one_rank = {**common, "trainer.devices": 1, "trainer.max_steps": 4}
+    result = _run(stage_args(world, run_dir, 2, **one_rank), timeout=180)
     assert "exporting it again" in result.stderr and export_complete(run_dir / "export")
+    assert "trainer.devices: 2 -> 1" in result.stderr and "mesh (1,)" in result.stderr
     again, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
     assert meta["global_step"] == 4
     assert all(torch.equal(adapter.state_dict()[k], v) for k, v in again.state_dict().items())
-    from diffusers import UNet2DConditionModel
-
-    UNet2DConditionModel.from_pretrained(run_dir / "export" / "unet")  # loadable
+    unet_again = UNet2DConditionModel.from_pretrained(run_dir / "export" / "unet").state_dict()
+    assert unet_again.keys() == unet.keys() and all(torch.equal(unet[k], v) for k, v in unet_again.items())
 
 
 def test_even_share_gives_every_consumer_as_many_batches():
