@@ -115,3 +115,33 @@ def test_fsdp2_meshes_and_bad_modes(one_rank):
     with pytest.raises(ConfigError, match="fsdp.frozen"):
         apply_fully_shard(stage, fsdp_units(stage), fsdp2_mesh("cpu", 1, 1, "FULL_SHARD"), precision="32-true",
                           frozen="offload")
+
+
+@pytest.mark.parametrize("sharding", ["FULL_SHARD", "HYBRID_SHARD"])
+def test_fused_adamw_and_clipping_step_the_shards_as_they_step_whole_weights(one_rank, sharding):
+    """What the GPU path does with FSDP2 (lightning_modules/base.py: fused AdamW on CUDA, whose
+    weights are DTensors there; clip_grad_norm over DTensor gradients), on a 1-D and a 2-D
+    mesh: three steps change the shards exactly as they change the same weights unsharded."""
+    from torch.distributed.tensor import DTensor
+
+    from linguadiff.strategy import clip_grad_norm
+
+    torch.manual_seed(0)
+    stage, sharded = Stage(), Stage()
+    sharded.load_state_dict(stage.state_dict())
+    apply_fully_shard(sharded, fsdp_units(sharded), fsdp2_mesh("cpu", 1, 1, sharding), precision="32-true")
+    x = torch.randn(2, 3, 8)
+    stepped = {}
+    for name, model in (("whole", stage), ("sharded", sharded)):
+        model.adapter.eval()  # no dropout: the same computation in both
+        optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-2, fused=True)
+        for _ in range(3):
+            model.adapter(x).square().mean().backward()
+            clip_grad_norm(None, optimizer, 0.05)  # (any strategy but FSDP1's: torch's own clipping)
+            optimizer.step()
+            optimizer.zero_grad()
+        stepped[name] = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.adapter.state_dict().items()}
+    assert any(isinstance(p, DTensor) for p in sharded.adapter.parameters())
+    assert not any(torch.equal(v, Stage().adapter.state_dict()[k]) for k, v in stepped["whole"].items())
+    differ = [k for k, v in stepped["whole"].items() if not torch.equal(v, stepped["sharded"][k])]
+    assert not differ, differ
