@@ -1,9 +1,11 @@
 """Scaling out on CPUs: DDP (gloo) splits the data, FSDP keeps frozen and trained weights in
-separate units and its sharded checkpoints resume, a resumed run restores its exact state."""
+separate units and its sharded checkpoints resume (under torchrun, on two one-rank nodes with
+HYBRID_SHARD, and on one rank), a resumed run restores its exact state."""
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,18 +60,42 @@ def _env(probe: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 def _run(args: list[str], probe: Path | None = None, timeout: float = 300, shard_probe: Path | None = None,
-         torchrun: int = 0) -> subprocess.CompletedProcess:
-    """train.py (with the key probe; `shard_probe`: where each rank writes what it holds) in a
-    fresh process, as a user launches it: `python train.py` (Lightning starts ranks 1.. once
+         torchrun: int = 0, nodes: int = 1) -> subprocess.CompletedProcess:
+    """train.py (with the key probe; `shard_probe`: where each rank writes what it holds) in
+    fresh processes, as a user launches it: `python train.py` (Lightning starts ranks 1.. once
     rank 0 has loaded its models), or with `torchrun` > 0, `torchrun --nproc-per-node N
-    train.py` (every rank starts at once, as under srun)."""
+    train.py` (every rank starts at once, as under srun), once per node with `nodes` > 1 (the
+    nodes meet at a port of this machine). Every launch must succeed; the result holds the
+    output of all of them, node 0's first."""
     extra = {"LINGUADIFF_SHARD_PROBE": str(shard_probe)} if shard_probe else {}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] \
-        if torchrun else [sys.executable]
-    result = subprocess.run([*launcher, "tests/probe_train.py", *args], cwd=ROOT, env=_env(probe, **extra),
-                            capture_output=True, text=True, timeout=timeout)
+    if not torchrun:
+        launches = [[sys.executable, "tests/probe_train.py", *args]]
+    else:
+        port = _free_port()
+        launches = [[sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--standalone",
+                     "tests/probe_train.py", *args]] if nodes == 1 else [
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--nnodes={nodes}",
+             f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}", "tests/probe_train.py", *args]
+            for node in range(nodes)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(probe, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cmd in launches]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:
+            proc.kill()
+    result = subprocess.CompletedProcess(launches[0], max(abs(proc.returncode) for proc in procs),
+                                         "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _keys_per_rank(probe: Path) -> list[list[str]]:
@@ -277,7 +303,12 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     half.mkdir()
     (half / "__0_0.distcp").write_bytes(b"half")
     os.symlink(half.name, checkpoints / ".step00000003.ckpt.partial-link-2")
-    result = _run(stage_args(world, run_dir, 2, **common, **{"trainer.max_steps": 4}), torchrun=2)
+    # It runs on two nodes of one rank each (two torchrun agents meeting at a port), with
+    # HYBRID_SHARD: a (nodes, ranks per node) mesh that resumes the 1-D mesh's checkpoint.
+    two_nodes = {**common, "trainer.devices": 1, "trainer.num_nodes": 2, "fsdp.sharding": "HYBRID_SHARD",
+                 "trainer.max_steps": 4}
+    result = _run(stage_args(world, run_dir, 2, **two_nodes), torchrun=1, nodes=2)
+    assert "HYBRID_SHARD mesh (2, 1)" in result.stderr and "x 1 devices x 2 nodes" in result.stderr
     assert "which is missing" in result.stderr and "step00000002.ckpt (step 2)" in result.stderr
     assert not half.exists() and not [p for p in checkpoints.iterdir() if ".partial" in p.name]
     assert checkpoint_step(last) == 4
@@ -292,7 +323,7 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     assert meta["global_step"] == 4 and adapter.queries.shape[0] == 77  # gathered whole, not a shard
 
     # An export a kill left incomplete (no completion marker): the relaunch exports it again
-    # from the resumed sharded checkpoint, and ends. It runs on one rank: the two ranks' shards
+    # from the resumed sharded checkpoint, and ends. It runs on one rank: the two nodes' shards
     # of the weights and of the optimizer states (the EMA, which the export holds) are read
     # resharded, so the export must come out the same.
     from linguadiff.export import COMPLETE_FILE, export_complete
@@ -305,7 +336,7 @@ def test_fsdp_on_cpu_trains_saves_sharded_trained_weights_and_resumes(world, sta
     one_rank = {**common, "trainer.devices": 1, "trainer.max_steps": 4}
     result = _run(stage_args(world, run_dir, 2, **one_rank), timeout=180)
     assert "exporting it again" in result.stderr and export_complete(run_dir / "export")
-    assert "trainer.devices: 2 -> 1" in result.stderr and "mesh (1,)" in result.stderr
+    assert "trainer.num_nodes: 2 -> 1" in result.stderr and "FULL_SHARD mesh (1,)" in result.stderr
     again, meta = QueryAdapter.from_file(run_dir / "export" / "adapter.safetensors")
     assert meta["global_step"] == 4
     assert all(torch.equal(adapter.state_dict()[k], v) for k, v in again.state_dict().items())
