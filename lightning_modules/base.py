@@ -227,9 +227,10 @@ class StageModule(L.LightningModule):
 
     @contextmanager
     def full_weights(self) -> Iterator[bool]:
-        """Context on every rank in which the trained parts hold their full weights; yields
-        whether this rank should write them. Under FSDP the shards are gathered to rank 0's
-        CPU memory, one trained part at a time; elsewhere the weights are already whole."""
+        """Context on every rank in which the exported parts (what trains, and stage 3's frozen
+        adapter) hold their full weights; yields whether this rank should write them. Under
+        FSDP the shards are gathered to rank 0's CPU memory, one part at a time; elsewhere the
+        weights are already whole."""
         trainer = self._trainer
         if trainer is None:
             yield True
@@ -249,7 +250,7 @@ class StageModule(L.LightningModule):
         # device runs unsharded (NO_SHARD), where it cannot offload (and need not).
         sharded = trainer.world_size > 1 and trainer.strategy.sharding_strategy != ShardingStrategy.NO_SHARD
         with ExitStack() as stack:
-            for name in self.settings.trainable:
+            for name in self.exported_parts():
                 stack.enter_context(FSDP.summon_full_params(getattr(self, name), writeback=False, rank0_only=True,
                                                             offload_to_cpu=sharded and self.device.type != "cpu"))
             yield trainer.is_global_zero

@@ -642,6 +642,10 @@ def build_strategy(cfg: DictConfig, module: nn.Module, precision: str) -> str | 
                           "unit): use fsdp.version=2, or drop one of them")
     if version == 1 and frozen_mode != "shard":
         raise ConfigError(f"fsdp.frozen={frozen_mode} needs fsdp.version=2 (FSDP1 shards every unit)")
+    if version == 1 and f.sharding == "HYBRID_SHARD":
+        from linguadiff.settings_check import FSDP1_HYBRID
+
+        raise ConfigError(FSDP1_HYBRID)
     units = fsdp_units(module, f.activation_checkpointing)
     summary = check_units(module, units)
     trained = sum(e["parameters"] for e in summary.values() if e["trains"])

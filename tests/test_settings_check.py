@@ -72,6 +72,7 @@ BAD = [
     ("fsdp.version=3", "fsdp.version", "1 | 2"),
     ("fsdp.frozen=offload", "fsdp.frozen", "shard | replicate"),
     ("trainer.strategy=fsdp fsdp.version=1 speed.compile=[adapter]", "speed.compile", "use fsdp.version=2"),
+    ("trainer.strategy=fsdp fsdp.version=1 fsdp.sharding=HYBRID_SHARD", "fsdp.sharding", "needs fsdp.version=2"),
     ("trainer.strategy=deepspeed", "trainer.strategy", "auto | ddp | fsdp"),
     ("train.trainable=[]", "train.trainable", "at least one part"),
     ("train.trainable=[adapter,unet]", "train.trainable", "its parts"),
