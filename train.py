@@ -59,6 +59,8 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # Lightning's own use of a deprecated torch API; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Validation metrics are gathered from every rank before they are logged (StageModule.record_val).
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist=True")
     # A resumed run writes into its own checkpoint folder on purpose.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 

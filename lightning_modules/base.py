@@ -50,6 +50,7 @@ class StageModule(L.LightningModule):
         self.strict_loading = False
         self.skipped: Counter[str] = Counter()
         self.val_skipped: Counter[str] = Counter()  # this validation pass, this rank
+        self.val_sums: dict[str, list] = {}  # this validation pass, this rank: name -> [sum x size, size]
 
     # ------------------------------------------------------------------ what trains
 
@@ -271,14 +272,36 @@ class StageModule(L.LightningModule):
         numbers of validation batches, so a per-batch collective could hang)."""
         self.val_skipped.update({k: int(v) for k, v in (batch.get("skipped") or {}).items() if v})
 
+    def record_val(self, metrics: dict[str, torch.Tensor], size: int) -> None:
+        """One validation batch's metrics (batch means), kept per rank as sums weighted by the
+        batch size until the pass ends: ranks see different numbers of validation batches (none
+        at all where a small or filtered validation set leaves a rank nothing), so logging them
+        with sync_dist, one collective per metric a rank happens to have logged, could hang."""
+        for name, value in metrics.items():
+            entry = self.val_sums.setdefault(name, [0.0, 0])
+            entry[0] = entry[0] + value.detach().float() * size
+            entry[1] += size
+
     def on_validation_epoch_end(self) -> None:
-        """Sum this pass's validation skip counts over the ranks (every rank calls this) and log them."""
+        """Every rank calls this, the same number of times: the pass's metrics (weighted by the
+        samples each rank saw) and skip counts are gathered from all ranks in one collective,
+        and logged as the same values everywhere."""
+        sums = {name: (float(total), count) for name, (total, count) in self.val_sums.items()}
         totals: Counter[str] = Counter()
-        for part in gather_objects(dict(self.val_skipped)):
-            totals.update(part)
+        metrics: dict[str, list[float]] = {}
+        for part in gather_objects({"skipped": dict(self.val_skipped), "metrics": sums}):
+            totals.update(part["skipped"])
+            for name, (total, count) in part["metrics"].items():
+                entry = metrics.setdefault(name, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
         self.val_skipped.clear()
+        self.val_sums = {}
         if self._trainer is not None and self.trainer.sanity_checking:
             return
+        for name, (total, count) in sorted(metrics.items()):
+            if count:
+                self.log(name, total / count, sync_dist=False, prog_bar=name == "val/loss")
         for reason, total in totals.items():
             self.log(f"data/val_skipped_{reason}", float(total), sync_dist=False, rank_zero_only=True)
 

@@ -259,17 +259,16 @@ class DiffusionStage(StageModule):
         x0 = self.to_model_space(batch)
         context, added = self.conditioning(batch)
         no_perturbation = DiffusionLossConfig(self.diffusion.loss.min_snr_gamma, 0.0, 0.0)
-        total = 0.0
+        losses = {}
         for t in self.diffusion.val_timesteps:
             generator = torch.Generator(device=self.device).manual_seed(1000 * batch_idx + int(t))
             timesteps = torch.full((x0.shape[0],), int(t), device=self.device, dtype=torch.long)
-            loss = diffusion_loss(self.unet, self.noise_scheduler, x0, context, no_perturbation, added, timesteps, generator).mean()
-            if batch.get("padding"):  # an FSDP rank's filler batch: run, not counted
-                continue
-            self.log(f"val/loss_t{int(t)}", loss, batch_size=size, sync_dist=True)
-            total += loss
-        if not batch.get("padding"):
-            self.log("val/loss", total / len(self.diffusion.val_timesteps), batch_size=size, sync_dist=True, prog_bar=True)
+            losses[f"val/loss_t{int(t)}"] = diffusion_loss(self.unet, self.noise_scheduler, x0, context, no_perturbation,
+                                                            added, timesteps, generator).mean()
+        if batch.get("padding"):  # an FSDP rank's filler batch: run, not counted
+            return
+        losses["val/loss"] = sum(losses.values()) / len(losses)
+        self.record_val(losses, size)  # logged when the pass ends (on_validation_epoch_end)
 
     # ------------------------------------------------------------------ optimisation and state
 

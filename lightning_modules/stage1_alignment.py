@@ -127,10 +127,9 @@ class Stage1Alignment(StageModule):
         out = self.alignment(student, teacher)
         if batch.get("padding"):  # an FSDP rank's filler batch: run, not counted
             return
-        self.log("val/loss", out["loss"], batch_size=size, sync_dist=True)
-        self.log("val/cosine", out["cosine"], batch_size=size, sync_dist=True)
-        for part, cosine in out.get("part_cosines", {}).items():
-            self.log(f"val/cosine_{part}", cosine, batch_size=size, sync_dist=True)
+        metrics = {"val/loss": out["loss"], "val/cosine": out["cosine"]}
+        metrics.update({f"val/cosine_{part}": cosine for part, cosine in out.get("part_cosines", {}).items()})
+        self.record_val(metrics, size)  # logged when the pass ends (on_validation_epoch_end)
         self._val_outputs.append(
             {
                 "key": list(batch["key"]),

@@ -630,8 +630,12 @@ def build_strategy(cfg: DictConfig, module: nn.Module, precision: str) -> str | 
         return "auto"
     if name == "ddp":
         # Frozen parts take no gradient, so every trained weight gets one each step: no
-        # search for unused parameters (a full graph walk per step).
-        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+        # search for unused parameters (a full graph walk per step). No buffer broadcast from
+        # rank 0 before every forward: no part keeps running statistics (GroupNorm, LayerNorm;
+        # the rest are constants every rank loads alike), and the broadcast is a collective in
+        # every validation forward too, which hung a rank that had validation batches left
+        # while its peer had none.
+        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, broadcast_buffers=False)
     f = cfg.fsdp
     version = fsdp_version(cfg)
     if version not in (1, 2):

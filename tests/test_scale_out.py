@@ -98,6 +98,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _first_samples(shard: Path, n: int, out: Path) -> Path:
+    """A shard of the first `n` samples of `shard` (every file of each)."""
+    import tarfile
+
+    with tarfile.open(shard) as src, tarfile.open(out, "w") as dst:
+        keys: list[str] = []
+        for member in src.getmembers():
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == n:
+                    break
+                keys.append(key)
+            dst.addfile(member, src.extractfile(member))
+    return out
+
+
 def _keys_per_rank(probe: Path) -> list[list[str]]:
     return [(probe / f"rank{r}.txt").read_text().split() for r in range(2)]
 
@@ -107,13 +123,19 @@ def _keys_per_rank(probe: Path) -> list[list[str]]:
 
 def test_ddp_on_cpu_gives_each_sample_to_one_rank(world, stage1_run, tmp_path, stage=2):
     """Real DDP ranks (gloo) on the image-text stream; the text stream shares the split
-    (ShardStream), checked in-process in tests/test_text_shards.py and tests/test_buckets.py."""
+    (ShardStream), checked in-process in tests/test_text_shards.py and tests/test_buckets.py.
+    The validation set holds one sample: one rank validates it, the other has no batch at all
+    (as a small or filtered validation set can leave a rank), and neither may wait for the
+    other (a metric logged with sync_dist on one rank only hung both, before record_val)."""
     steps, batch = 5, 8
+    one = _first_samples(world["image_val"], 1, tmp_path / "val-one.tar")
     extra = {"strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": steps, "data.batch_size": batch,
-             "trainer.val_check_interval": steps, "checkpoint.every_n_steps": steps, "samples.every_n_steps": 0}
+             "trainer.val_check_interval": steps, "checkpoint.every_n_steps": steps, "samples.every_n_steps": 0,
+             "data.val.urls": one}
     if stage == 2:
         extra["init_from"] = stage1_run
-    result = _run(stage_args(world, tmp_path / "run", stage, **extra), probe=tmp_path / "probe")
+    result = _run(stage_args(world, tmp_path / "run", stage, **extra), probe=tmp_path / "probe", timeout=180)
+    assert [s for s, _ in scalars(tmp_path / "run", "val/loss")] == [steps - 1]
     ranks = _keys_per_rank(tmp_path / "probe")
     assert [len(keys) for keys in ranks] == [steps * batch] * 2
     # One pass over the data is longer than this run: no sample may come twice, on either rank.
