@@ -279,7 +279,7 @@ class StageModule(L.LightningModule):
         with sync_dist, one collective per metric a rank happens to have logged, could hang."""
         for name, value in metrics.items():
             entry = self.val_sums.setdefault(name, [0.0, 0])
-            entry[0] = entry[0] + value.detach().float() * size
+            entry[0] = entry[0] + torch.as_tensor(value).detach().float() * size
             entry[1] += size
 
     def on_validation_epoch_end(self) -> None:
